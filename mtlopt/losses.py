@@ -1,0 +1,87 @@
+"""Checking what the user passed as losses, before anything is touched."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TaskLosses:
+    """The m losses in the forms the step needs."""
+
+    output: Tensor  #: 1-D tensor of the m losses, in the graph (what autograd differentiates)
+    roots: list[object | None]  #: each task's own graph node (reachability starts there)
+    values: Tensor  #: detached float64 copy of the loss values
+
+    @property
+    def n_tasks(self) -> int:
+        return self.output.shape[0]
+
+
+def prepare_losses(losses: object) -> TaskLosses:
+    """Validate ``losses`` and stack them; raise TypeError/ValueError/FloatingPointError."""
+    if isinstance(losses, Tensor):
+        return _from_tensor(losses)
+    if losses is None or isinstance(losses, (str, bytes)) or not isinstance(losses, Sequence):
+        raise TypeError(
+            "losses: expected a non-empty sequence of one-element tensors or a 1-D tensor, "
+            f"got {type(losses).__name__}"
+        )
+    if len(losses) == 0:
+        raise ValueError("losses: expected at least one task loss, got an empty sequence")
+    for index, loss in enumerate(losses):
+        _check_one(f"losses[{index}]", loss)
+    devices = {loss.device for loss in losses}
+    if len(devices) > 1:
+        raise ValueError(f"losses: expected all losses on one device, got {sorted(map(str, devices))}")
+    with torch.enable_grad():
+        output = torch.stack([loss.reshape(()) for loss in losses])
+    return _finish(output, [loss.grad_fn for loss in losses])
+
+
+def _from_tensor(losses: Tensor) -> TaskLosses:
+    if losses.dim() != 1 or losses.numel() == 0:
+        raise ValueError(
+            "losses: expected a 1-D tensor with one entry per task, got shape "
+            f"{tuple(losses.shape)} (pass [loss] for a single task)"
+        )
+    _check_one("losses", losses, scalar=False)
+    node = losses.grad_fn
+    children = [] if node is None else [child for child, _ in node.next_functions]
+    if type(node).__name__ == "StackBackward0" and len(children) == losses.numel():
+        roots = children  # torch.stack of scalars: entry i depends on input i only
+    else:
+        roots = [node] * losses.numel()  # cannot tell the tasks apart: no task heads
+    return _finish(losses, roots)
+
+
+def _check_one(name: str, loss: object, scalar: bool = True) -> None:
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"{name}: expected a tensor, got {type(loss).__name__}")
+    if scalar and loss.numel() != 1:
+        raise ValueError(
+            f"{name}: expected a one-element tensor (a scalar loss), got shape {tuple(loss.shape)}"
+        )
+    if not loss.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {loss.dtype}")
+    if not loss.requires_grad:
+        raise ValueError(
+            f"{name}: has no autograd graph (requires_grad=False); compute the losses from the "
+            "model's outputs with gradients enabled (not under torch.no_grad() or after .detach())"
+        )
+
+
+def _finish(output: Tensor, roots: list[object | None]) -> TaskLosses:
+    values = output.detach().to(torch.float64)
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
+        raise FloatingPointError(
+            f"losses: expected finite values, got {values[bad].tolist()} for task(s) {bad}; "
+            "nothing was changed"
+        )
+    return TaskLosses(output=output, roots=roots, values=values)

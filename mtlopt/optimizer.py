@@ -1,0 +1,376 @@
+"""MultiTaskOptimizer: any torch optimizer, driven by a multi-task weighting per param group."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import checkpoint
+from .aggregation import GroupPlan, GroupResult, aggregate_loss_only, aggregate_per_task
+from .jacobian import JacobianEngine
+from .losses import TaskLosses, prepare_losses
+from .reachability import task_masks
+from .weighting.base import Weighting
+from .weighting.baselines import Mean
+
+#: Key marking the internal param groups that hold a weighting's learnable tensors.
+ROLE_KEY = "mtlopt_role"
+LOSS_SCALES = "loss_scales"
+_HOOK_DICTS = (
+    "_optimizer_step_pre_hooks",
+    "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
+
+
+class MultiTaskOptimizer(Optimizer):
+    """Wraps a torch optimizer so that ``step(losses)`` trains on several task losses.
+
+    Each param group of the base optimizer is one aggregation group with its own weighting:
+    the one named under the group's ``"weighting"`` key, or a fresh copy of ``weighting``.
+    ``param_groups``, ``state`` and ``defaults`` are the base optimizer's, so LR schedulers,
+    hooks, ``add_param_group`` and gradient clipping work on the wrapper as on any optimizer.
+
+    Per step, per-task gradients are computed only if some group's weighting needs them, with
+    one batched vector-Jacobian product (``torch.func.vmap`` over autograd, ``chunk_size``
+    tasks at a time, with an automatic loop fallback). Then, per group:
+
+    * parameters reached by several losses (shared) get the weighting's update;
+    * a parameter reached by one loss only (a task head, found from the autograd graph) gets
+      that task's gradient, scaled by the task's loss weight for loss-balancing weightings;
+    * a parameter reached by no loss keeps ``.grad`` unchanged (None after ``zero_grad``).
+
+    Gradients are accumulated into ``.grad`` like ``loss.backward()`` does.
+
+    Args:
+        optimizer: the base optimizer (any ``torch.optim.Optimizer``).
+        weighting: default weighting, copied into every group that names none (default Mean).
+        chunk_size: at most this many tasks are differentiated at once (bounds memory).
+        jacobian: ``"auto"`` (batched, loop fallback), ``"batched"`` or ``"loop"``.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        weighting: Weighting | None = None,
+        *,
+        chunk_size: int | None = None,
+        jacobian: str = "auto",
+    ) -> None:
+        if not isinstance(optimizer, Optimizer) or isinstance(optimizer, MultiTaskOptimizer):
+            raise TypeError(
+                "optimizer: expected a torch.optim.Optimizer (not a MultiTaskOptimizer), "
+                f"got {type(optimizer).__name__}"
+            )
+        if weighting is None:
+            weighting = Mean()
+        if not isinstance(weighting, Weighting):
+            raise TypeError(
+                f"weighting: expected a mtlopt.weighting.Weighting, got {type(weighting).__name__}"
+            )
+        self.optimizer = optimizer
+        self.weighting = weighting
+        self._engine = JacobianEngine(chunk_size, jacobian)
+        #: Per param group index: what the last step produced (task weights, loss weights).
+        self.last_step: dict[int, GroupResult] = {}
+        for name in _HOOK_DICTS:
+            setattr(self, name, OrderedDict())
+        self._patch_step_function()
+        self._attach_weightings()
+
+    # ------------------------------------------------------------------ delegation
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    @property
+    def chunk_size(self) -> int | None:
+        return self._engine.chunk_size
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Hooks are not pickled (as in torch.optim); everything else is.
+        return {k: v for k, v in self.__dict__.items() if k not in _HOOK_DICTS}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        for name in _HOOK_DICTS:
+            self.__dict__.setdefault(name, OrderedDict())
+        self._patch_step_function()
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__}({type(self.optimizer).__name__}, weighting={self.weighting!r})"]
+        for index, group in enumerate(self.param_groups):
+            what = "loss scales" if _is_internal(group) else repr(group["weighting"])
+            lines.append(f"  group {index}: {len(group['params'])} tensor(s), {what}")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the base optimizer; it gets its own weighting like the others."""
+        weighting = param_group.get("weighting")
+        if weighting is not None:
+            _check_weighting(weighting, f"param_group['weighting']")
+            if any(weighting is g.get("weighting") for g in self.param_groups):
+                raise ValueError(
+                    "param_group['weighting']: this weighting instance already serves another "
+                    "group; give each group its own instance (state is per group)"
+                )
+        self.optimizer.add_param_group(param_group)
+        self._attach_weightings()
+
+    def _attach_weightings(self) -> None:
+        seen: dict[int, int] = {}
+        for index, group in enumerate(self.param_groups):
+            if _is_internal(group):
+                continue
+            weighting = group.get("weighting")
+            if weighting is None:
+                group["weighting"] = weighting = self.weighting.spawn()
+            _check_weighting(weighting, f"param_groups[{index}]['weighting']")
+            if id(weighting) in seen:
+                raise ValueError(
+                    f"param_groups[{index}]['weighting']: the same weighting instance serves "
+                    f"groups {seen[id(weighting)]} and {index}; give each group its own "
+                    "instance (state is per group)"
+                )
+            seen[id(weighting)] = index
+            self._register_learnable(weighting)
+
+    def _register_learnable(self, weighting: Weighting) -> None:
+        known = {id(p) for g in self.param_groups for p in g["params"]}
+        new = [p for p in weighting.learnable_parameters() if id(p) not in known]
+        if new:
+            group = {**weighting.parameter_group_options(), "params": new, ROLE_KEY: LOSS_SCALES}
+            self.optimizer.add_param_group(group)
+
+    def weightings(self) -> list[Weighting | None]:
+        """The weighting of every param group (None for internal loss-scale groups)."""
+        return [None if _is_internal(g) else g["weighting"] for g in self.param_groups]
+
+    # ------------------------------------------------------------------ the step
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(  # type: ignore[override]
+        self,
+        losses: Sequence[Tensor] | Tensor | Callable[[], Any] | None = None,
+        closure: Callable[[], Any] | None = None,
+    ) -> Any:
+        """Compute and write the multi-task gradients of ``losses``, then step the base optimizer.
+
+        ``losses``: a non-empty sequence of scalar losses or a 1-D tensor of them. Without
+        losses, the base optimizer steps on the ``.grad`` already there (after
+        :meth:`backward`). ``closure``: a callable that recomputes and returns the losses (it
+        must not call backward itself); it may also be passed as the first argument.
+        Returns the closure's result, or None.
+        """
+        if callable(losses) and closure is None:
+            losses, closure = None, losses
+        result = None
+        if closure is not None:
+            if losses is not None:
+                raise ValueError("step: pass either losses or a closure, not both")
+            with torch.enable_grad():
+                result = closure()
+            self.backward(result)
+        elif losses is not None:
+            self.backward(losses)
+        self.optimizer.step()
+        return result
+
+    def backward(self, losses: Sequence[Tensor] | Tensor, retain_graph: bool = False) -> None:
+        """Write the multi-task gradients of ``losses`` into ``.grad`` without stepping.
+
+        Use it to clip or inspect gradients (or with ``torch.amp.GradScaler``), then call
+        ``step()``. Bad input raises before any parameter, gradient or state changes.
+        """
+        task_losses = prepare_losses(losses)
+        plans = self._plans(task_losses)
+        with torch.enable_grad():
+            jacobian = self._gradients(task_losses, plans, retain_graph)
+        with torch.no_grad():
+            _check_finite(jacobian, plans)
+            results = {
+                plan.index: self._aggregate(plan, blocks, task_losses)
+                for plan, blocks in zip(plans, jacobian)
+            }
+            self._commit(plans, results, task_losses)
+
+    def _plans(self, task_losses: TaskLosses) -> list[GroupPlan]:
+        plans = []
+        for index, group in enumerate(self.param_groups):
+            if _is_internal(group):
+                continue
+            weighting: Weighting = group["weighting"]
+            weighting.check_n_tasks(task_losses.n_tasks)
+            params = [p for p in group["params"] if p.requires_grad]
+            scale = weighting.loss_weights(task_losses.values)
+            plans.append(GroupPlan(index, weighting, params, scale))
+        return plans
+
+    def _gradients(
+        self, task_losses: TaskLosses, plans: list[GroupPlan], retain_graph: bool
+    ) -> list[list[Tensor | None]]:
+        """Per group, per parameter: ``[m, *shape]`` per-task gradients, or ``[r, *shape]``
+        loss-weighted rows when no group needs per-task gradients."""
+        inputs = [p for plan in plans for p in plan.params]
+        output = task_losses.output
+        if any(plan.weighting.needs != "losses" for plan in plans):
+            masks = task_masks(task_losses.roots, inputs)
+            eye = torch.eye(task_losses.n_tasks, dtype=output.dtype, device=output.device)
+            flat = self._engine.rows_vjp(output, inputs, eye, retain_graph, [m != 0 for m in masks])
+            offset = 0
+            for plan in plans:
+                plan.masks = masks[offset : offset + len(plan.params)]
+                offset += len(plan.params)
+        else:
+            # Loss-only: one backward per distinct vector of loss weights (usually one).
+            distinct: list[Tensor] = []
+            for plan in plans:
+                assert plan.loss_weights is not None, f"{plan.weighting!r} returned no loss weights"
+                plan.row = next(
+                    (k for k, c in enumerate(distinct) if torch.equal(c, plan.loss_weights)), None
+                )
+                if plan.row is None:
+                    distinct.append(plan.loss_weights)
+                    plan.row = len(distinct) - 1
+            rows = torch.stack(distinct).to(device=output.device, dtype=output.dtype)
+            flat = self._engine.rows_vjp(output, inputs, rows, retain_graph)
+            row_of = [plan.row for plan in plans for _ in plan.params]
+            flat = [None if b is None else b[row : row + 1] for b, row in zip(flat, row_of)]
+        per_group, offset = [], 0
+        for plan in plans:
+            per_group.append(flat[offset : offset + len(plan.params)])
+            offset += len(plan.params)
+        return per_group
+
+    @staticmethod
+    def _aggregate(
+        plan: GroupPlan, blocks: list[Tensor | None], task_losses: TaskLosses
+    ) -> GroupResult:
+        if plan.weighting.needs == "losses":
+            return aggregate_loss_only(plan, blocks)
+        return aggregate_per_task(plan, blocks, task_losses.values)
+
+    def _commit(
+        self, plans: list[GroupPlan], results: dict[int, GroupResult], task_losses: TaskLosses
+    ) -> None:
+        for result in results.values():
+            for param, update in result.updates:
+                update = update.reshape(param.shape)
+                if param.grad is None:
+                    param.grad = update
+                else:
+                    param.grad.add_(update)
+        for plan in plans:
+            if plan.weighting.ensure_parameters(task_losses.n_tasks):
+                self._register_learnable(plan.weighting)
+            if plan.weighting.learnable_parameters():
+                plan.weighting.accumulate_parameter_grads(task_losses.values)
+        self.last_step = results
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict plus every group's weighting state ("mtlopt").
+
+        Holds only tensors and Python scalars: loads with ``torch.load(weights_only=True)``.
+        """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state = self.optimizer.state_dict()
+        state["param_groups"] = [
+            {k: v for k, v in group.items() if k != "weighting"} for group in state["param_groups"]
+        ]
+        state["mtlopt"] = checkpoint.build(self.weightings())
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state)
+            if result is not None:
+                state = result
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; a checkpoint that does not fit raises
+        ValueError naming what differs, and leaves this optimizer unchanged."""
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        state_dict = dict(state_dict)
+        weightings = [w for w in self.weightings() if w is not None]
+        saved = checkpoint.check(state_dict.pop("mtlopt", None), self.weightings())
+        backup = ([w.state_dict() for w in weightings], list(self.param_groups))
+        try:
+            for weighting, item in zip(weightings, saved):
+                weighting.load_state_dict(item["state"])
+                self._register_learnable(weighting)
+            self.optimizer.load_state_dict(state_dict)
+        except Exception:
+            for weighting, old in zip(weightings, backup[0]):
+                weighting.load_state_dict(old)
+            self.optimizer.param_groups = backup[1]
+            raise
+        # The base optimizer rebuilt its group dicts from the checkpoint: re-attach weightings.
+        internal = iter(weightings)
+        for group in self.param_groups:
+            if not _is_internal(group):
+                group["weighting"] = next(internal)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+
+def _is_internal(group: dict[str, Any]) -> bool:
+    return group.get(ROLE_KEY) == LOSS_SCALES
+
+
+def _check_weighting(weighting: object, name: str) -> None:
+    if not isinstance(weighting, Weighting):
+        raise TypeError(f"{name}: expected a mtlopt.weighting.Weighting, got {type(weighting).__name__}")
+
+
+def _check_finite(jacobian: list[list[Tensor | None]], plans: list[GroupPlan]) -> None:
+    """Raise FloatingPointError, before any state moves, if a gradient is not finite."""
+    norms = [
+        torch.linalg.vector_norm(block.reshape(block.shape[0], -1), dim=1)
+        for blocks in jacobian
+        for block in blocks
+        if block is not None
+    ]
+    if not norms:
+        return
+    per_row = torch.stack(norms).sum(0)
+    if bool(torch.isfinite(per_row).all()):
+        return
+    bad = [i for i, ok in enumerate(torch.isfinite(per_row).tolist()) if not ok]
+    per_task = any(plan.weighting.needs != "losses" for plan in plans)
+    what = f"task(s) {bad}" if per_task else "the loss-weighted gradient"
+    raise FloatingPointError(
+        f"losses: the gradients of {what} are not finite (nan or inf); nothing was changed"
+    )

@@ -1,0 +1,152 @@
+"""Impartial Multi-Task Learning: IMTL-G (gradient balance), IMTL-L (loss balance), IMTL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..solvers import gramian_rtol, pinv_solve
+from .base import Weighting, check_positive, copy_tensor_state
+
+
+def imtl_g_weights(gramian: Tensor, rtol: float) -> Tensor:
+    """IMTL-G's weights ``a`` (summing to 1) from the Gramian, defined for any rank.
+
+    The update ``d = J^T a`` has equal projections on all unit gradients ``u_i`` when
+    ``G a = c sqrt(diag G)``, so ``a = v / sum(v)`` with ``v = G^+ sqrt(diag G)``. When ``J`` has
+    full row rank this equals the paper's closed form; otherwise it is the least-norm
+    solution. If ``sum(v)`` vanishes (all gradients zero) the weights are zero.
+    """
+    norms = gramian.diagonal().clamp(min=0).sqrt()
+    v = pinv_solve(gramian, norms, rtol)
+    total = v.sum()
+    scale = v.abs().sum()
+    degenerate = total.abs() <= 1e-12 * scale
+    return torch.where(degenerate, torch.zeros_like(v), v / torch.where(degenerate, 1.0, total))
+
+
+class IMTLG(Weighting):
+    r"""IMTL-G: the update's projection on every task's unit gradient is the same.
+
+    Liu, Li, Kuang, Xue, Chen, Yang, Liao and Zhang, "Towards Impartial Multi-task Learning",
+    ICLR 2021 (Section 3.2, Eqs. 4-8, Theorem 1).
+
+    With ``u_i = g_i / ||g_i||`` the paper solves ``d^T (u_1 - u_i) = 0`` for ``d = sum_i a_i g_i``
+    and ``sum_i a_i = 1``, giving ``a_{2..m} = g_1 U^T (D U^T)^{-1}`` (Eq. 8). mtlopt computes the
+    same weights from the Gramian alone, ``a = v / sum(v)`` with ``v = G^+ sqrt(diag G)``; the
+    pseudo-inverse (eigenvalues below ``10 m eps`` of the largest dropped) keeps it defined
+    when the gradients are linearly dependent. Task heads receive their own gradient.
+    """
+
+    needs = "gramian"
+
+    def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        return imtl_g_weights(gramian, gramian_rtol(torch.float32, gramian.shape[0]))
+
+
+class IMTLL(Weighting):
+    r"""IMTL-L: learnable loss scales that make the scaled losses stay at a constant value.
+
+    Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021 (Section 3.1, Eq. 2).
+
+    Each task gets a log-scale ``s_i`` (zeros at start); the parameters are trained on
+    ``sum_i exp(s_i) L_i`` and the scales on ``sum_i (exp(s_i) L_i - s_i)``, whose gradient
+    ``exp(s_i) L_i - 1`` mtlopt writes in closed form (no extra backward). The scales are
+    trained by the base optimizer as an extra param group that inherits the base optimizer's
+    defaults, with ``lr`` overriding the learning rate when given, so LR schedulers and
+    checkpoints cover them. IMTL-L is ``2 x`` uncertainty weighting with ``s = -log-variance``.
+
+    Needs the losses only: a step costs one ordinary backward pass. Task heads get
+    ``exp(s_t) grad L_t``.
+
+    Args:
+        lr: learning rate of the scales' param group (default: the base optimizer's).
+        n_tasks: create the scales at construction (so LR schedulers built before the first
+            step see their group); otherwise they are created on the first step.
+    """
+
+    needs = "losses"
+    stateful = True
+
+    def __init__(self, lr: float | None = None, n_tasks: int | None = None) -> None:
+        super().__init__()
+        self.lr = None if lr is None else check_positive("lr", lr)
+        self.log_scales: Tensor | None = None
+        if n_tasks is not None:
+            if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 1:
+                raise ValueError(f"n_tasks: expected a positive int or None, got {n_tasks!r}")
+            self.ensure_parameters(n_tasks)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"lr": self.lr}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(lr={self.lr!r})"
+
+    def scales(self, losses: Tensor) -> Tensor:
+        """``exp(s)`` in float64 (ones before the scales exist: ``s`` starts at zero)."""
+        if self.log_scales is None:
+            return torch.ones_like(losses)
+        return self.log_scales.detach().to(device=losses.device, dtype=torch.float64).exp()
+
+    def loss_weights(self, losses: Tensor) -> Tensor:
+        return self.scales(losses)
+
+    def learnable_parameters(self) -> list[Tensor]:
+        return [] if self.log_scales is None else [self.log_scales]
+
+    def ensure_parameters(self, n_tasks: int) -> list[Tensor]:
+        if self.log_scales is not None:
+            return []
+        self.n_tasks = n_tasks
+        self.log_scales = torch.nn.Parameter(torch.zeros(n_tasks))
+        return [self.log_scales]
+
+    def parameter_group_options(self) -> dict[str, Any]:
+        return {} if self.lr is None else {"lr": self.lr}
+
+    def accumulate_parameter_grads(self, losses: Tensor) -> None:
+        scales = self.log_scales
+        assert scales is not None
+        grad = (self.scales(losses) * losses - 1.0).to(device=scales.device, dtype=scales.dtype)
+        scales.grad = grad if scales.grad is None else scales.grad.add_(grad)
+
+    def state_dict(self) -> dict[str, Any]:
+        scales = self.log_scales
+        return {
+            "n_tasks": self.n_tasks,
+            "log_scales": None if scales is None else scales.detach().clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("log_scales")
+        if saved is not None and self.log_scales is not None:
+            copy_tensor_state(self.log_scales, saved, "log_scales")  # shape check
+        super().load_state_dict(state)
+        if saved is None:
+            return
+        self.ensure_parameters(int(saved.numel()))
+        assert self.log_scales is not None
+        with torch.no_grad():
+            self.log_scales.copy_(saved)
+
+
+class IMTL(IMTLL):
+    r"""IMTL, the paper's hybrid: IMTL-L's loss scales plus IMTL-G on the scaled gradients.
+
+    Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021 (Section 3.3, Algorithm 1).
+
+    The losses are scaled to ``exp(s_i) L_i - s_i`` (IMTL-L); the shared parameters of the group
+    receive IMTL-G applied to the gradients of the scaled losses, ``d = sum_i a_i exp(s_i) g_i``;
+    a task head receives its scaled loss gradient ``exp(s_t) grad L_t``; each ``s_i`` receives
+    ``exp(s_i) L_i - 1``. The scales form an extra param group of the base optimizer (see
+    :class:`IMTLL` for ``lr`` and ``n_tasks``).
+    """
+
+    needs = "gramian"
+
+    def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        # The optimizer hands in the Gramian of the scaled gradients already.
+        return imtl_g_weights(gramian, gramian_rtol(torch.float32, gramian.shape[0]))
