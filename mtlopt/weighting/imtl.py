@@ -15,15 +15,22 @@ def imtl_g_weights(gramian: Tensor, rtol: float) -> Tensor:
     """IMTL-G's weights ``a`` (summing to 1) from the Gramian, defined for any rank.
 
     The update ``d = J^T a`` has equal projections on all unit gradients ``u_i`` when
-    ``G a = c sqrt(diag G)``, so ``a = v / sum(v)`` with ``v = G^+ sqrt(diag G)``. When ``J`` has
-    full row rank this equals the paper's closed form; otherwise it is the least-norm
-    solution. If ``sum(v)`` vanishes (all gradients zero) the weights are zero.
+    ``G a = c sqrt(diag G)``. With ``D = diag(||g_i||)`` and the cosine matrix
+    ``K = D^-1 G D^-1`` this reads ``K (D a) = c 1``, so ``a = D^-1 K^+ 1``, normalised to sum 1
+    (equal to ``G^-1 sqrt(diag G)`` normalised, the paper's Eq. 8, when ``J`` has full row rank).
+    Working on ``K`` makes the rank cut-off independent of the gradients' scales, which is
+    the imbalance IMTL-G exists to handle. Tasks with a zero gradient get weight 0; if the
+    weights cannot be normalised (all gradients zero) they are all zero.
     """
     norms = gramian.diagonal().clamp(min=0).sqrt()
-    v = pinv_solve(gramian, norms, rtol)
+    active = norms > norms.amax() * 1e-150  # exact zeros (and denormal dust) carry no direction
+    safe = torch.where(active, norms, torch.ones_like(norms))
+    cosines = gramian / torch.outer(safe, safe)
+    cosines = torch.where(torch.outer(active, active), cosines, torch.zeros_like(cosines))
+    scaled = pinv_solve(cosines, active.to(gramian.dtype), rtol)
+    v = torch.where(active, scaled / safe, torch.zeros_like(scaled))
     total = v.sum()
-    scale = v.abs().sum()
-    degenerate = total.abs() <= 1e-12 * scale
+    degenerate = total.abs() <= 1e-12 * v.abs().sum()
     return torch.where(degenerate, torch.zeros_like(v), v / torch.where(degenerate, 1.0, total))
 
 
@@ -35,9 +42,10 @@ class IMTLG(Weighting):
 
     With ``u_i = g_i / ||g_i||`` the paper solves ``d^T (u_1 - u_i) = 0`` for ``d = sum_i a_i g_i``
     and ``sum_i a_i = 1``, giving ``a_{2..m} = g_1 U^T (D U^T)^{-1}`` (Eq. 8). mtlopt computes the
-    same weights from the Gramian alone, ``a = v / sum(v)`` with ``v = G^+ sqrt(diag G)``; the
-    pseudo-inverse (eigenvalues below ``10 m eps`` of the largest dropped) keeps it defined
-    when the gradients are linearly dependent. Task heads receive their own gradient.
+    same weights from the Gramian alone, ``a = v / sum(v)`` with ``v = G^-1 sqrt(diag G)``,
+    solved through the cosine matrix with a pseudo-inverse (eigenvalues below ``10 m eps`` of
+    the largest dropped), which keeps it defined when the gradients are linearly dependent and
+    exact whatever their scales. Task heads receive their own gradient.
     """
 
     needs = "gramian"
