@@ -103,7 +103,9 @@ def _batched_vjp(
 ) -> Blocks:
     def vjp_keeping(retain: bool):  # noqa: ANN202
         def vjp(row: Tensor) -> tuple[Tensor | None, ...]:
-            return torch.autograd.grad(output, inputs, row, retain_graph=retain, allow_unused=True)
+            return torch.autograd.grad(
+                output, inputs, row, retain_graph=retain, materialize_grads=True
+            )
 
         return vjp
 
@@ -130,7 +132,9 @@ def _loop_vjp(output: Tensor, inputs: Sequence[Tensor], rows: Tensor, retain_gra
     per_row = []
     for index, row in enumerate(rows):
         keep = retain_graph or index < rows.shape[0] - 1
-        per_row.append(torch.autograd.grad(output, inputs, row, retain_graph=keep, allow_unused=True))
+        per_row.append(
+            torch.autograd.grad(output, inputs, row, retain_graph=keep, materialize_grads=True)
+        )
     return [
         None if parts[0] is None else torch.stack(parts, 0)  # type: ignore[arg-type]
         for parts in zip(*per_row)

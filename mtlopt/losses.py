@@ -40,7 +40,7 @@ def prepare_losses(losses: object) -> TaskLosses:
         raise ValueError(f"losses: expected all losses on one device, got {sorted(map(str, devices))}")
     with torch.enable_grad():
         output = torch.stack([loss.reshape(()) for loss in losses])
-    return _finish(output, [loss.grad_fn for loss in losses])
+    return _from_tensor(output)
 
 
 def _from_tensor(losses: Tensor) -> TaskLosses:
@@ -53,7 +53,9 @@ def _from_tensor(losses: Tensor) -> TaskLosses:
     node = losses.grad_fn
     children = [] if node is None else [child for child, _ in node.next_functions]
     if type(node).__name__ == "StackBackward0" and len(children) == losses.numel():
-        roots = children  # torch.stack of scalars: entry i depends on input i only
+        # torch.stack of scalars: entry i depends on input i only (a leaf input's edge is its
+        # AccumulateGrad node, so a parameter used directly as a loss is found too).
+        roots = children
     else:
         roots = [node] * losses.numel()  # cannot tell the tasks apart: no task heads
     return _finish(losses, roots)

@@ -13,17 +13,21 @@ from torch import Tensor
 
 
 def task_masks(roots: Sequence[object | None], params: Sequence[Tensor]) -> list[int]:
-    """For each parameter, a bit mask of the tasks whose loss reaches it (bit i = task i).
+    """For each tensor, a bit mask of the tasks whose loss reaches it (bit i = task i).
 
-    ``roots`` are the losses' ``grad_fn`` nodes. One pass over the union of the graphs:
-    in-degrees first, then masks pushed in topological order (Kahn), so a node's mask is
-    complete before it is propagated. Cost is linear in the number of graph nodes.
+    ``roots`` are the losses' graph nodes (one task may share its node with another). A leaf
+    tensor is reached through its ``AccumulateGrad`` node, a non-leaf one through its
+    ``grad_fn``. One pass over the union of the graphs: in-degrees first, then masks pushed in
+    topological order (Kahn), so a node's mask is complete before it is propagated. Cost is
+    linear in the number of graph nodes.
     """
     indegree: dict[object, int] = {}
-    stack = [node for node in roots if node is not None]
+    stack = list(dict.fromkeys(node for node in roots if node is not None))
     for node in stack:
         indegree.setdefault(node, 0)
     seen = set(stack)
+    wanted = {p.grad_fn for p in params if p.grad_fn is not None}
+    node_masks: dict[object, int] = {}
     while stack:
         node = stack.pop()
         for child, _ in node.next_functions:  # type: ignore[attr-defined]
@@ -43,6 +47,8 @@ def task_masks(roots: Sequence[object | None], params: Sequence[Tensor]) -> list
     while ready:
         node = ready.pop()
         mask = masks.pop(node, 0)
+        if node in wanted:
+            node_masks[node] = mask
         variable = getattr(node, "variable", None)
         if variable is not None:
             leaf_masks[id(variable)] = leaf_masks.get(id(variable), 0) | mask
@@ -53,12 +59,10 @@ def task_masks(roots: Sequence[object | None], params: Sequence[Tensor]) -> list
             indegree[child] -= 1
             if indegree[child] == 0:
                 ready.append(child)
-    return [leaf_masks.get(id(p), 0) for p in params]
-
-
-def loss_roots(losses: Sequence[Tensor]) -> list[object | None]:
-    """The graph node of each loss (None for a loss that does not require grad)."""
-    return [loss.grad_fn for loss in losses]
+    return [
+        leaf_masks.get(id(p), 0) if p.grad_fn is None else node_masks.get(p.grad_fn, 0)
+        for p in params
+    ]
 
 
 def single_task(mask: int) -> int | None:

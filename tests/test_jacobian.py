@@ -460,12 +460,6 @@ class NoneGradFor2nd(torch.autograd.Function):
         return grad * 2, None
 
 
-@pytest.mark.xfail(
-    reason="rows_vjp decides reachability from AccumulateGrad nodes only, so a non-leaf "
-    "input (e.g. a shared representation) gets a None block when rows has >1 row, "
-    "although the single-row path returns its gradient",
-    strict=True,
-)
 def test_non_leaf_input_gets_its_gradient() -> None:
     torch.manual_seed(15)
     lin = nn.Linear(3, 2).to(DTYPE)
@@ -479,12 +473,6 @@ def test_non_leaf_input_gets_its_gradient() -> None:
     assert_blocks_close(got, want)
 
 
-@pytest.mark.xfail(
-    reason="an input reached by the graph whose gradient is undefined (a custom Function "
-    "returning None) makes vmap fail ('must only return Tensors'): batched mode raises "
-    "and auto mode falls back with a spurious warning",
-    strict=True,
-)
 def test_structurally_reached_but_undefined_gradient() -> None:
     torch.manual_seed(16)
     lin = nn.Linear(3, 2).to(DTYPE)
