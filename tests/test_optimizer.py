@@ -292,3 +292,43 @@ def test_chunk_size_gives_same_result() -> None:
     opt_b.step(net_b.losses(*make_batch(0)))
     for p, q in zip(net_a.parameters(), net_b.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
+
+
+class _HostRoundTrip(torch.autograd.Function):
+    """Identity whose backward reads a value on the host: vmap cannot batch it."""
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: ANN001, ANN205
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        return grad * (1.0 + 0.0 * grad.sum().item())
+
+
+def test_fallback_through_the_optimizer_matches_loop_and_warns_once() -> None:
+    torch.manual_seed(0)
+    net_a = Net()
+    net_b = copy.deepcopy(net_a)
+    opt_a = MultiTaskOptimizer(torch.optim.SGD(net_a.parameters(), lr=0.1), weighting=IMTLG())
+    opt_b = MultiTaskOptimizer(torch.optim.SGD(net_b.parameters(), lr=0.1), weighting=IMTLG(), jacobian="loop")
+
+    def losses(net: Net, seed: int) -> list[torch.Tensor]:
+        x, y = make_batch(seed)
+        z = _HostRoundTrip.apply(net.encoder(x))
+        return [((h(z).squeeze(-1) - y[:, t]) ** 2).mean() for t, h in enumerate(net.heads)]
+
+    with pytest.warns(RuntimeWarning, match="loop of 3 backward passes") as record:
+        opt_a.step(losses(net_a, 0))
+    assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
+    opt_b.step(losses(net_b, 0))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        opt_a.zero_grad()
+        opt_a.step(losses(net_a, 1))  # no second warning
+    opt_b.zero_grad()
+    opt_b.step(losses(net_b, 1))
+    for p, q in zip(net_a.parameters(), net_b.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
