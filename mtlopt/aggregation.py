@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .reachability import single_task
-from .weighting.base import Weighting
+from .weighting.base import Weighting, combine
 
 
 @dataclass
@@ -41,11 +41,6 @@ def gramian(blocks: list[Tensor]) -> Tensor:
     return total
 
 
-def combine(weights: Tensor, block: Tensor) -> Tensor:
-    """``sum_i weights_i block_i``: one parameter's update from its per-task gradients."""
-    return torch.tensordot(weights.to(block.dtype), block, dims=1)
-
-
 def aggregate_per_task(plan: GroupPlan, jacobian: list[Tensor | None], losses: Tensor) -> GroupResult:
     """A group whose weighting reads the Gramian or the per-task gradients.
 
@@ -55,13 +50,15 @@ def aggregate_per_task(plan: GroupPlan, jacobian: list[Tensor | None], losses: T
     """
     scale = plan.loss_weights
     shared: list[tuple[Tensor, Tensor]] = []
+    shared_masks: list[int] = []
     updates: list[tuple[Tensor, Tensor]] = []
     for param, block, mask in zip(plan.params, jacobian, plan.masks):
         if block is None or mask == 0:
             continue
         task = single_task(mask)
-        if task is None:
+        if task is None or plan.weighting.aggregates_task_heads:
             shared.append((param, block))
+            shared_masks.append(mask)
         elif scale is None:
             updates.append((param, block[task].clone()))
         else:
@@ -73,10 +70,11 @@ def aggregate_per_task(plan: GroupPlan, jacobian: list[Tensor | None], losses: T
             blocks = [block * scale.to(block.dtype).reshape(-1, *[1] * (block.dim() - 1)) for block in blocks]
         if plan.weighting.needs == "gramian":
             weights = plan.weighting.weights_from_gramian(gramian(blocks), losses)
+            applied = weights if scale is None else weights * scale
+            combined = [combine(applied, block) for _, block in shared]
         else:
-            weights = plan.weighting.weights_from_jacobian(blocks, losses)
-        applied = weights if scale is None else weights * scale
-        updates.extend((param, combine(applied, block)) for param, block in shared)
+            combined, weights = plan.weighting.update_from_jacobian(blocks, losses, shared_masks)
+        updates.extend((param, update) for (param, _), update in zip(shared, combined))
     return GroupResult(updates=updates, weights=weights)
 
 

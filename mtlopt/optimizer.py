@@ -15,6 +15,7 @@ from .aggregation import GroupPlan, GroupResult, aggregate_loss_only, aggregate_
 from .jacobian import JacobianEngine
 from .losses import TaskLosses, prepare_losses
 from .reachability import task_masks
+from .weighting import resolve
 from .weighting.base import Weighting
 from .weighting.baselines import Mean
 
@@ -60,7 +61,7 @@ class MultiTaskOptimizer(Optimizer):
     def __init__(
         self,
         optimizer: Optimizer,
-        weighting: Weighting | None = None,
+        weighting: Weighting | str | None = None,
         *,
         chunk_size: int | None = None,
         jacobian: str = "auto",
@@ -70,12 +71,7 @@ class MultiTaskOptimizer(Optimizer):
                 "optimizer: expected a torch.optim.Optimizer (not a MultiTaskOptimizer), "
                 f"got {type(optimizer).__name__}"
             )
-        if weighting is None:
-            weighting = Mean()
-        if not isinstance(weighting, Weighting):
-            raise TypeError(
-                f"weighting: expected a mtlopt.weighting.Weighting, got {type(weighting).__name__}"
-            )
+        weighting = resolve(weighting) or Mean()
         self.optimizer = optimizer
         self.weighting = weighting
         self._engine = JacobianEngine(chunk_size, jacobian)
@@ -135,9 +131,9 @@ class MultiTaskOptimizer(Optimizer):
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the base optimizer; it gets its own weighting like the others."""
-        weighting = param_group.get("weighting")
+        weighting = resolve(param_group.get("weighting"), "param_group['weighting']")
         if weighting is not None:
-            _check_weighting(weighting, f"param_group['weighting']")
+            param_group["weighting"] = weighting
             if any(weighting is g.get("weighting") for g in self.param_groups):
                 raise ValueError(
                     "param_group['weighting']: this weighting instance already serves another "
@@ -151,10 +147,10 @@ class MultiTaskOptimizer(Optimizer):
         for index, group in enumerate(self.param_groups):
             if _is_internal(group):
                 continue
-            weighting = group.get("weighting")
+            weighting = resolve(group.get("weighting"), f"param_groups[{index}]['weighting']")
             if weighting is None:
-                group["weighting"] = weighting = self.weighting.spawn()
-            _check_weighting(weighting, f"param_groups[{index}]['weighting']")
+                weighting = self.weighting.spawn()
+            group["weighting"] = weighting
             if id(weighting) in seen:
                 raise ValueError(
                     f"param_groups[{index}]['weighting']: the same weighting instance serves "
@@ -348,11 +344,6 @@ class MultiTaskOptimizer(Optimizer):
 
 def _is_internal(group: dict[str, Any]) -> bool:
     return group.get(ROLE_KEY) == LOSS_SCALES
-
-
-def _check_weighting(weighting: object, name: str) -> None:
-    if not isinstance(weighting, Weighting):
-        raise TypeError(f"{name}: expected a mtlopt.weighting.Weighting, got {type(weighting).__name__}")
 
 
 def _check_finite(jacobian: list[list[Tensor | None]], plans: list[GroupPlan]) -> None:

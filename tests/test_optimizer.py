@@ -70,11 +70,31 @@ def test_shared_weighting_instance_is_refused() -> None:
         MultiTaskOptimizer(base)
 
 
-@pytest.mark.parametrize("bad", [object(), "gradvac_typo", 3])
+@pytest.mark.parametrize("bad", [object(), 3])
 def test_bad_weighting_type(bad: object) -> None:
     net = Net()
     with pytest.raises(TypeError, match="weighting"):
         MultiTaskOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), weighting=bad)  # type: ignore[arg-type]
+
+
+def test_unknown_weighting_name() -> None:
+    net = Net()
+    with pytest.raises(ValueError, match="unknown weighting 'gradvac_typo'.*GradVac"):
+        MultiTaskOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), weighting="gradvac_typo")
+
+
+@pytest.mark.parametrize("name", ["gradvac", "GradVac", "grad_vac", "IMTL-G"])
+def test_weighting_by_name(name: str) -> None:
+    net = Net()
+    base = torch.optim.SGD(
+        [{"params": net.encoder.parameters(), "weighting": name}, {"params": net.heads.parameters()}],
+        lr=0.1,
+    )
+    opt = MultiTaskOptimizer(base, weighting="sum")
+    assert type(opt.param_groups[0]["weighting"]).__name__.lower() == name.lower().replace("_", "").replace("-", "")
+    assert isinstance(opt.param_groups[1]["weighting"], Sum)
+    opt.add_param_group({"params": net.unused.parameters(), "weighting": "mean"})
+    assert type(opt.param_groups[2]["weighting"]).__name__ == "Mean"
 
 
 def test_bad_base_optimizer() -> None:

@@ -18,6 +18,9 @@ from torch import Tensor
 
 Need = Literal["losses", "gramian", "jacobian"]
 
+#: Every concrete weighting class by name (filled by ``Weighting.__init_subclass__``).
+REGISTRY: dict[str, type[Weighting]] = {}
+
 
 class Weighting:
     """Base class of all weightings.
@@ -33,6 +36,19 @@ class Weighting:
     needs: ClassVar[Need] = "losses"
     #: Whether the weighting keeps state between steps (then the number of tasks is fixed).
     stateful: ClassVar[bool] = False
+    #: Mini-batches one step reads (SDMGrad, MoDo: 3). Above 1, ``step`` needs a closure that
+    #: draws a fresh batch; the weighting then gets cross-batch Gramians.
+    n_batches: ClassVar[int] = 1
+    #: Jacobian weightings only: also hand the task heads' per-task gradients to
+    #: :meth:`update_from_jacobian` (optimizer-level methods such as AdaTask).
+    aggregates_task_heads: ClassVar[bool] = False
+    #: Whether :meth:`observe` wants the closure's losses re-evaluated after the base step.
+    wants_losses_after_step: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.__name__.startswith("_"):
+            REGISTRY[cls.__name__] = cls
 
     def __init__(self) -> None:
         self.n_tasks: int | None = None
@@ -70,6 +86,33 @@ class Weighting:
     def weights_from_jacobian(self, jacobian: list[Tensor], losses: Tensor) -> Tensor:
         """Task weights from the group's per-task gradients (one ``[m, *shape]`` per tensor)."""
         raise NotImplementedError
+
+    def update_from_jacobian(
+        self, jacobian: list[Tensor], losses: Tensor, masks: list[int]
+    ) -> tuple[list[Tensor], Tensor | None]:
+        """One update per tensor from its per-task gradients, plus the task weights if any.
+
+        Override for methods whose update is not ``w^T J`` (per-coordinate rules, momentum
+        on gradients). ``masks[k]`` has bit ``i`` set when task ``i`` reaches tensor ``k``;
+        the tensors are the group's shared ones, and its task heads too when
+        :attr:`aggregates_task_heads` is set. The default is ``w^T J`` with
+        :meth:`weights_from_jacobian`.
+        """
+        weights = self.weights_from_jacobian(jacobian, losses)
+        return [combine(weights, block) for block in jacobian], weights
+
+    def weights_from_cross_gramians(self, gramians: Tensor, losses: Tensor) -> Tensor:
+        """Task weights for the first batch's Jacobian from ``gramians[p, q] = J_p J_q^T``.
+
+        Only for ``n_batches > 1``: ``gramians`` is ``[b, b, m, m]`` float64 over the ``b``
+        mini-batches of the step (batch 0 is the one passed to ``step``).
+        """
+        raise NotImplementedError
+
+    def observe(self, losses: Tensor, after_step: bool) -> None:
+        """See the loss values of a committed step (``after_step=False``, before the base
+        step) and, if :attr:`wants_losses_after_step` and ``step`` got a closure, the
+        closure's losses re-evaluated after the base step (``after_step=True``)."""
 
     # ----------------------------------------------------------------- learnable loss scales
     def learnable_parameters(self) -> list[Tensor]:
@@ -110,6 +153,11 @@ class Weighting:
     def spawn(self) -> Weighting:
         """A fresh copy with its own state, used for every group that names no weighting."""
         return copy.deepcopy(self)
+
+
+def combine(weights: Tensor, block: Tensor) -> Tensor:
+    """``sum_i weights_i block_i``: one tensor's update from its per-task gradients."""
+    return torch.tensordot(weights.to(block.dtype), block, dims=1)
 
 
 def check_positive(name: str, value: float) -> float:
