@@ -21,6 +21,32 @@ class GroupPlan:
     loss_weights: Tensor | None = None  #: float64 ``[m]`` factors, or None for none
     masks: list[int] = field(default_factory=list)  #: tasks reaching each param (bit masks)
     row: int | None = None  #: loss-only path: which loss-weighted row this group reads
+    #: After :meth:`split`: (position in ``params``, per-task block) of the shared tensors.
+    shared: list[tuple[int, Tensor]] = field(default_factory=list)
+    #: After :meth:`split`: the updates of the task heads (parameter, its task's gradient).
+    head_updates: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+
+    def split(self, jacobian: list[Tensor | None]) -> None:
+        """Sort the group's per-task blocks into shared tensors and task heads.
+
+        A parameter reached by several losses is shared; a parameter reached by one loss (a
+        task head) gets that task's gradient, times its loss weight if the weighting has one;
+        an unreached parameter gets nothing. Loss-only groups have no per-task blocks.
+        """
+        self.shared, self.head_updates = [], []
+        if self.weighting.needs == "losses":
+            return
+        keep_heads = self.weighting.aggregates_task_heads
+        for position, (param, block, mask) in enumerate(zip(self.params, jacobian, self.masks)):
+            if block is None or mask == 0:
+                continue
+            task = single_task(mask)
+            if task is None or keep_heads:
+                self.shared.append((position, block))
+            elif self.loss_weights is None:
+                self.head_updates.append((param, block[task].clone()))
+            else:
+                self.head_updates.append((param, block[task] * self.loss_weights[task].to(block.dtype)))
 
 
 @dataclass
@@ -31,50 +57,74 @@ class GroupResult:
     weights: Tensor | None  #: task weights applied to the shared parameters (float64)
 
 
-def gramian(blocks: list[Tensor]) -> Tensor:
-    """``J J^T`` in float64, summed tensor by tensor (no concatenated copy of J)."""
+def gramian(blocks: list[Tensor], others: list[Tensor] | None = None) -> Tensor:
+    """``J J^T`` (or ``J K^T``) in float64, summed tensor by tensor (no concatenated copy).
+
+    Half-precision blocks are multiplied in float32 so that the products cannot overflow.
+    """
     m = blocks[0].shape[0]
     total = torch.zeros(m, m, dtype=torch.float64, device=blocks[0].device)
-    for block in blocks:
-        flat = block.reshape(m, -1)
-        total += (flat @ flat.T).to(torch.float64)
+    for k, block in enumerate(blocks):
+        flat = _matmul_ready(block.reshape(m, -1))
+        other = flat if others is None else _matmul_ready(others[k].reshape(m, -1))
+        total += (flat @ other.T).to(torch.float64)
     return total
 
 
-def aggregate_per_task(plan: GroupPlan, jacobian: list[Tensor | None], losses: Tensor) -> GroupResult:
-    """A group whose weighting reads the Gramian or the per-task gradients.
+def _matmul_ready(flat: Tensor) -> Tensor:
+    return flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat
 
-    Parameters reached by several losses go through the weighting; a parameter reached by one
-    loss (a task head) gets that task's gradient, times its loss weight if the weighting has
-    one; an unreached parameter gets nothing.
-    """
+
+def _scaled(plan: GroupPlan, block: Tensor) -> Tensor:
     scale = plan.loss_weights
-    shared: list[tuple[Tensor, Tensor]] = []
-    shared_masks: list[int] = []
-    updates: list[tuple[Tensor, Tensor]] = []
-    for param, block, mask in zip(plan.params, jacobian, plan.masks):
-        if block is None or mask == 0:
-            continue
-        task = single_task(mask)
-        if task is None or plan.weighting.aggregates_task_heads:
-            shared.append((param, block))
-            shared_masks.append(mask)
-        elif scale is None:
-            updates.append((param, block[task].clone()))
-        else:
-            updates.append((param, block[task] * scale[task].to(block.dtype)))
+    if scale is None:
+        return block
+    return block * scale.to(block.dtype).reshape(-1, *[1] * (block.dim() - 1))
+
+
+def aggregate_per_task(plan: GroupPlan, losses: Tensor) -> GroupResult:
+    """A group whose weighting reads the Gramian or the per-task gradients (after ``split``)."""
+    updates = list(plan.head_updates)
     weights = None
-    if shared:
-        blocks = [block for _, block in shared]
-        if scale is not None:
-            blocks = [block * scale.to(block.dtype).reshape(-1, *[1] * (block.dim() - 1)) for block in blocks]
+    if plan.shared:
+        blocks = [_scaled(plan, block) for _, block in plan.shared]
+        params = [plan.params[position] for position, _ in plan.shared]
         if plan.weighting.needs == "gramian":
             weights = plan.weighting.weights_from_gramian(gramian(blocks), losses)
-            applied = weights if scale is None else weights * scale
-            combined = [combine(applied, block) for _, block in shared]
+            combined = [combine(weights, block) for block in blocks]
         else:
-            combined, weights = plan.weighting.update_from_jacobian(blocks, losses, shared_masks)
-        updates.extend((param, update) for (param, _), update in zip(shared, combined))
+            masks = [plan.masks[position] for position, _ in plan.shared]
+            combined, weights = plan.weighting.update_from_jacobian(blocks, losses, masks)
+        updates.extend(zip(params, combined))
+    return GroupResult(updates=updates, weights=weights)
+
+
+def aggregate_cross_batch(
+    plan: GroupPlan, extra: list[list[Tensor | None]], losses: Tensor
+) -> GroupResult:
+    """A group whose weighting reads several mini-batches: cross-batch Gramians of the shared
+    tensors (batch 0 decides which tensors are shared); the update uses batch 0."""
+    updates = list(plan.head_updates)
+    weights = None
+    if plan.shared:
+        first = [_scaled(plan, block) for _, block in plan.shared]
+        batches = [first] + [
+            [
+                torch.zeros_like(block) if blocks[position] is None else _scaled(plan, blocks[position])
+                for (position, _), block in zip(plan.shared, first)
+            ]
+            for blocks in extra
+        ]
+        b, m = len(batches), first[0].shape[0]
+        cross = torch.zeros(b, b, m, m, dtype=torch.float64, device=first[0].device)
+        for p in range(b):
+            for q in range(p, b):
+                product = gramian(batches[p], batches[q])
+                cross[p, q] = product
+                cross[q, p] = product.T
+        weights = plan.weighting.weights_from_cross_gramians(cross, losses)
+        params = [plan.params[position] for position, _ in plan.shared]
+        updates.extend(zip(params, (combine(weights, block) for block in first)))
     return GroupResult(updates=updates, weights=weights)
 
 

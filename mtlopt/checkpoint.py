@@ -73,3 +73,21 @@ def check(entry: object, weightings: list[Weighting | None]) -> list[dict[str, A
                 f"this optimizer's {name} has {weighting.n_tasks}"
             )
     return saved
+
+
+def check_group_sizes(state_dict: dict[str, Any], param_groups: list[dict[str, Any]]) -> None:
+    """Raise ValueError, before anything is loaded, if the base optimizer's part does not fit."""
+    saved = state_dict.get("param_groups")
+    if not isinstance(saved, list):
+        raise ValueError("state_dict: expected a 'param_groups' list, got none")
+    if len(saved) != len(param_groups):
+        raise ValueError(
+            f"state_dict: the checkpoint has {len(saved)} param group(s), this optimizer has "
+            f"{len(param_groups)}"
+        )
+    for index, (item, group) in enumerate(zip(saved, param_groups)):
+        if len(item.get("params", ())) != len(group["params"]):
+            raise ValueError(
+                f"state_dict: param group {index} holds {len(item.get('params', ()))} tensor(s) "
+                f"in the checkpoint and {len(group['params'])} in this optimizer"
+            )

@@ -40,7 +40,6 @@ class JacobianEngine:
         self.chunk_size = chunk_size
         self.mode = mode
         self.fallback_reason: str | None = None  # set once the batched path has failed
-        self._batched_succeeded = False
 
     @property
     def uses_loop(self) -> bool:
@@ -77,12 +76,14 @@ class JacobianEngine:
     ) -> Blocks:
         if self.uses_loop:
             return _loop_vjp(output, inputs, rows, retain_graph)
-        # Until batching has worked once on this model, keep the graph so the loop can rerun.
-        keep = retain_graph or (self.mode == "auto" and not self._batched_succeeded)
+        # In auto mode the graph is kept so that the loop can rerun if vmap fails on this step
+        # (a model can take another code path on a later batch). Its buffers are released
+        # with the losses at the end of the user's iteration, as after a plain backward.
+        keep = retain_graph or self.mode == "auto"
         try:
             blocks = _batched_vjp(output, inputs, rows, self.chunk_size, keep)
         except Exception as error:  # vmap lacks a rule for some op of the graph
-            if self.mode == "batched" or not keep:
+            if self.mode == "batched":
                 raise
             blocks = _loop_vjp(output, inputs, rows, retain_graph)
             self.fallback_reason = f"{type(error).__name__}: {str(error).splitlines()[0]}"
@@ -94,7 +95,6 @@ class JacobianEngine:
                 stacklevel=4,
             )
             return blocks
-        self._batched_succeeded = True
         return blocks
 
 

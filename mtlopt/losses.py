@@ -87,3 +87,24 @@ def _finish(output: Tensor, roots: list[object | None]) -> TaskLosses:
             "nothing was changed"
         )
     return TaskLosses(output=output, roots=roots, values=values)
+
+
+def loss_values(losses: object) -> Tensor | None:
+    """Detached float64 values of losses computed without a graph (after the step), or None
+    if any is not finite. Raises like :func:`prepare_losses` for the wrong kind of input."""
+    if isinstance(losses, Tensor):
+        if losses.dim() != 1 or losses.numel() == 0:
+            raise ValueError(
+                f"closure: expected a 1-D tensor of losses, got shape {tuple(losses.shape)}"
+            )
+        values = losses.detach().to(torch.float64)
+    elif isinstance(losses, Sequence) and not isinstance(losses, (str, bytes)) and losses:
+        for index, loss in enumerate(losses):
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise ValueError(f"closure: losses[{index}] should be a one-element tensor")
+        values = torch.stack([loss.detach().reshape(()).to(torch.float64) for loss in losses])
+    else:
+        raise TypeError(
+            f"closure: expected it to return a sequence of losses, got {type(losses).__name__}"
+        )
+    return values if bool(torch.isfinite(values).all()) else None

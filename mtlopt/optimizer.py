@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -11,9 +13,15 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import checkpoint
-from .aggregation import GroupPlan, GroupResult, aggregate_loss_only, aggregate_per_task
+from .aggregation import (
+    GroupPlan,
+    GroupResult,
+    aggregate_cross_batch,
+    aggregate_loss_only,
+    aggregate_per_task,
+)
 from .jacobian import JacobianEngine
-from .losses import TaskLosses, prepare_losses
+from .losses import TaskLosses, loss_values, prepare_losses
 from .reachability import task_masks
 from .weighting import resolve
 from .weighting.base import Weighting
@@ -30,6 +38,9 @@ _HOOK_DICTS = (
     "_optimizer_load_state_dict_pre_hooks",
     "_optimizer_load_state_dict_post_hooks",
 )
+
+
+_UNPICKLED = frozenset({*_HOOK_DICTS, "step", "_opt_called"})
 
 
 class MultiTaskOptimizer(Optimizer):
@@ -112,8 +123,9 @@ class MultiTaskOptimizer(Optimizer):
         return self._engine.chunk_size
 
     def __getstate__(self) -> dict[str, Any]:
-        # Hooks are not pickled (as in torch.optim); everything else is.
-        return {k: v for k, v in self.__dict__.items() if k not in _HOOK_DICTS}
+        # Hooks are not pickled (as in torch.optim), nor the step wrapper an LR scheduler
+        # installs on the instance (it holds a weak reference to this object).
+        return {k: v for k, v in self.__dict__.items() if k not in _UNPICKLED}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -184,9 +196,11 @@ class MultiTaskOptimizer(Optimizer):
 
         ``losses``: a non-empty sequence of scalar losses or a 1-D tensor of them. Without
         losses, the base optimizer steps on the ``.grad`` already there (after
-        :meth:`backward`). ``closure``: a callable that recomputes and returns the losses (it
-        must not call backward itself); it may also be passed as the first argument.
-        Returns the closure's result, or None.
+        :meth:`backward`). ``closure``: a callable that draws a batch, recomputes and returns
+        the losses (it must not call backward itself); it may also be passed as the first
+        argument. Weightings that read several mini-batches per step (SDMGrad, MoDo) call it
+        once per batch; weightings that learn from the loss decrease (FAMO) call it once more
+        after the base step, under ``torch.no_grad()``. Returns the first closure result.
         """
         if callable(losses) and closure is None:
             losses, closure = None, losses
@@ -196,29 +210,88 @@ class MultiTaskOptimizer(Optimizer):
                 raise ValueError("step: pass either losses or a closure, not both")
             with torch.enable_grad():
                 result = closure()
-            self.backward(result)
+                extra = [closure() for _ in range(self._n_batches() - 1)]
+            self.backward(result, extra_batches=extra)
         elif losses is not None:
             self.backward(losses)
         self.optimizer.step()
+        if closure is not None:
+            self._observe_after_step(closure)
         return result
 
-    def backward(self, losses: Sequence[Tensor] | Tensor, retain_graph: bool = False) -> None:
+    def backward(
+        self,
+        losses: Sequence[Tensor] | Tensor,
+        retain_graph: bool = False,
+        *,
+        extra_batches: Sequence[Sequence[Tensor] | Tensor] = (),
+    ) -> None:
         """Write the multi-task gradients of ``losses`` into ``.grad`` without stepping.
 
         Use it to clip or inspect gradients (or with ``torch.amp.GradScaler``), then call
-        ``step()``. Bad input raises before any parameter, gradient or state changes.
+        ``step()``. ``extra_batches``: the losses of further mini-batches, for weightings
+        that read several per step (their count is ``n_batches - 1``). Bad input raises
+        before any parameter, gradient or state changes.
         """
         task_losses = prepare_losses(losses)
+        extra = [prepare_losses(batch) for batch in extra_batches]
         plans = self._plans(task_losses)
+        self._check_batches(plans, task_losses, extra)
         with torch.enable_grad():
             jacobian = self._gradients(task_losses, plans, retain_graph)
+            extra_jacobians = [self._extra_gradients(batch, plans) for batch in extra]
         with torch.no_grad():
-            _check_finite(jacobian, plans)
+            _check_finite([jacobian, *extra_jacobians], plans)
+            for plan, blocks in zip(plans, jacobian):
+                plan.split(blocks)
+            for plan in plans:
+                plan.weighting.check_layout([block for _, block in plan.shared])
             results = {
-                plan.index: self._aggregate(plan, blocks, task_losses)
-                for plan, blocks in zip(plans, jacobian)
+                plan.index: self._aggregate(
+                    plan, jacobian[k], [e[k] for e in extra_jacobians], task_losses
+                )
+                for k, plan in enumerate(plans)
             }
             self._commit(plans, results, task_losses)
+
+    def _n_batches(self) -> int:
+        return max((w.n_batches for w in self.weightings() if w is not None), default=1)
+
+    def _check_batches(
+        self, plans: list[GroupPlan], task_losses: TaskLosses, extra: list[TaskLosses]
+    ) -> None:
+        needy = max(plans, key=lambda plan: plan.weighting.n_batches, default=None)
+        wanted = 1 if needy is None else needy.weighting.n_batches
+        if len(extra) != wanted - 1:
+            raise ValueError(
+                f"extra_batches: {needy.weighting!r} reads {wanted} mini-batch(es) per step, so "
+                f"{wanted - 1} extra batch(es) of losses are expected, got {len(extra)}; call "
+                "opt.step(closure) with a closure that draws a fresh batch and returns its losses"
+            )
+        for index, batch in enumerate(extra):
+            if batch.n_tasks != task_losses.n_tasks:
+                raise ValueError(
+                    f"extra_batches[{index}]: expected {task_losses.n_tasks} losses (as in the "
+                    f"first batch), got {batch.n_tasks}"
+                )
+
+    def _observe_after_step(self, closure: Callable[[], Any]) -> None:
+        """Show the losses re-evaluated after the step to weightings that learn from them."""
+        wanting = [w for w in self.weightings() if w is not None and w.wants_losses_after_step]
+        if not wanting:
+            return
+        with torch.no_grad():
+            values = loss_values(closure())
+        if values is None:
+            warnings.warn(
+                "mtlopt: the losses re-evaluated after the step are not finite; the weightings' "
+                "post-step update was skipped",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return
+        for weighting in wanting:
+            weighting.observe(values, after_step=True)
 
     def _plans(self, task_losses: TaskLosses) -> list[GroupPlan]:
         plans = []
@@ -268,13 +341,33 @@ class MultiTaskOptimizer(Optimizer):
             offset += len(plan.params)
         return per_group
 
+    def _extra_gradients(
+        self, task_losses: TaskLosses, plans: list[GroupPlan]
+    ) -> list[list[Tensor | None]]:
+        """Per-task gradients of a further mini-batch, for the groups that read several."""
+        wanted = [plan.params if plan.weighting.n_batches > 1 else [] for plan in plans]
+        inputs = [p for params in wanted for p in params]
+        output = task_losses.output
+        eye = torch.eye(task_losses.n_tasks, dtype=output.dtype, device=output.device)
+        flat = self._engine.rows_vjp(output, inputs, eye) if inputs else []
+        per_group, offset = [], 0
+        for params in wanted:
+            per_group.append(flat[offset : offset + len(params)])
+            offset += len(params)
+        return per_group
+
     @staticmethod
     def _aggregate(
-        plan: GroupPlan, blocks: list[Tensor | None], task_losses: TaskLosses
+        plan: GroupPlan,
+        blocks: list[Tensor | None],
+        extra: list[list[Tensor | None]],
+        task_losses: TaskLosses,
     ) -> GroupResult:
         if plan.weighting.needs == "losses":
             return aggregate_loss_only(plan, blocks)
-        return aggregate_per_task(plan, blocks, task_losses.values)
+        if plan.weighting.n_batches > 1:
+            return aggregate_cross_batch(plan, extra, task_losses.values)
+        return aggregate_per_task(plan, task_losses.values)
 
     def _commit(
         self, plans: list[GroupPlan], results: dict[int, GroupResult], task_losses: TaskLosses
@@ -286,12 +379,23 @@ class MultiTaskOptimizer(Optimizer):
                     param.grad = update
                 else:
                     param.grad.add_(update)
+        device = task_losses.output.device
         for plan in plans:
-            if plan.weighting.ensure_parameters(task_losses.n_tasks):
-                self._register_learnable(plan.weighting)
-            if plan.weighting.learnable_parameters():
-                plan.weighting.accumulate_parameter_grads(task_losses.values)
+            weighting = plan.weighting
+            if weighting.ensure_parameters(task_losses.n_tasks):
+                self._register_learnable(weighting)
+            if weighting.learnable_parameters():
+                self._place_learnable(weighting, device)
+                weighting.accumulate_parameter_grads(task_losses.values)
+            weighting.observe(task_losses.values, after_step=False)
         self.last_step = results
+
+    def _place_learnable(self, weighting: Weighting, device: torch.device) -> None:
+        """Move a weighting's learnable tensors to the losses' device before they have
+        optimizer state (they are created on the CPU before the device is known)."""
+        for tensor in weighting.learnable_parameters():
+            if tensor.device != device and not self.state.get(tensor):
+                tensor.data = tensor.data.to(device)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -322,16 +426,18 @@ class MultiTaskOptimizer(Optimizer):
         state_dict = dict(state_dict)
         weightings = [w for w in self.weightings() if w is not None]
         saved = checkpoint.check(state_dict.pop("mtlopt", None), self.weightings())
-        backup = ([w.state_dict() for w in weightings], list(self.param_groups))
+        checkpoint.check_group_sizes(state_dict, self.param_groups)
+        backup = [copy.deepcopy(w.state_dict()) for w in weightings]
+        groups = list(self.param_groups)
         try:
             for weighting, item in zip(weightings, saved):
                 weighting.load_state_dict(item["state"])
                 self._register_learnable(weighting)
             self.optimizer.load_state_dict(state_dict)
         except Exception:
-            for weighting, old in zip(weightings, backup[0]):
+            for weighting, old in zip(weightings, backup):
                 weighting.load_state_dict(old)
-            self.optimizer.param_groups = backup[1]
+            self.optimizer.param_groups = groups
             raise
         # The base optimizer rebuilt its group dicts from the checkpoint: re-attach weightings.
         internal = iter(weightings)
@@ -346,17 +452,22 @@ def _is_internal(group: dict[str, Any]) -> bool:
     return group.get(ROLE_KEY) == LOSS_SCALES
 
 
-def _check_finite(jacobian: list[list[Tensor | None]], plans: list[GroupPlan]) -> None:
-    """Raise FloatingPointError, before any state moves, if a gradient is not finite."""
-    norms = [
-        torch.linalg.vector_norm(block.reshape(block.shape[0], -1), dim=1)
+def _check_finite(jacobians: list[list[list[Tensor | None]]], plans: list[GroupPlan]) -> None:
+    """Raise FloatingPointError, before any state moves, if a gradient is not finite.
+
+    Rows are summed in float64: a nan or inf anywhere propagates, and no finite float32 or
+    half-precision value can overflow (a norm could).
+    """
+    sums = [
+        block.reshape(block.shape[0], -1).sum(1, dtype=torch.float64)
+        for jacobian in jacobians
         for blocks in jacobian
         for block in blocks
         if block is not None
     ]
-    if not norms:
+    if not sums:
         return
-    per_row = torch.stack(norms).sum(0)
+    per_row = torch.stack(sums).sum(0)
     if bool(torch.isfinite(per_row).all()):
         return
     bad = [i for i, ok in enumerate(torch.isfinite(per_row).tolist()) if not ok]

@@ -101,6 +101,14 @@ class Weighting:
         weights = self.weights_from_jacobian(jacobian, losses)
         return [combine(weights, block) for block in jacobian], weights
 
+    def check_layout(self, jacobian: list[Tensor]) -> None:
+        """Raise ValueError if per-tensor state does not fit the group's shared tensors.
+
+        Called for every group before any weighting runs, so a misfit in one group cannot
+        leave another group's state half-updated. Weightings without per-tensor state
+        accept anything.
+        """
+
     def weights_from_cross_gramians(self, gramians: Tensor, losses: Tensor) -> Tensor:
         """Task weights for the first batch's Jacobian from ``gramians[p, q] = J_p J_q^T``.
 

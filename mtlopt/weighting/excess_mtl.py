@@ -79,13 +79,18 @@ class ExcessMTL(Weighting):
         m = jacobian[0].shape[0] if jacobian else 0
         device = jacobian[0].device
         self.n_tasks = m
-        self.squared_grad_sums = [torch.zeros_like(block) for block in jacobian]
+        # Half-precision sums of squares would overflow or stall: keep them in float32 at least.
+        self.squared_grad_sums = [
+            torch.zeros_like(block, dtype=torch.promote_types(block.dtype, torch.float32))
+            for block in jacobian
+        ]
         self.log_weights = torch.full((m,), -math.log(m), dtype=torch.float64, device=device)
         self.warmup_sum = torch.zeros(m, dtype=torch.float64, device=device)
 
-    def _check_layout(self, jacobian: list[Tensor]) -> list[Tensor]:
+    def check_layout(self, jacobian: list[Tensor]) -> None:
         sums = self.squared_grad_sums
-        assert sums is not None
+        if sums is None:
+            return
         shapes = [tuple(b.shape) for b in jacobian]
         if shapes != [tuple(s.shape) for s in sums]:
             raise ValueError(
@@ -93,6 +98,11 @@ class ExcessMTL(Weighting):
                 f"{[tuple(s.shape) for s in sums]}, got per-task gradients of shapes {shapes}; "
                 "the group's shared parameters must stay the same across steps"
             )
+
+    def _sums_on_device(self, jacobian: list[Tensor]) -> list[Tensor]:
+        self.check_layout(jacobian)
+        sums = self.squared_grad_sums
+        assert sums is not None
         device = jacobian[0].device
         if sums and sums[0].device != device:
             sums = self.squared_grad_sums = [s.to(device) for s in sums]
@@ -100,10 +110,11 @@ class ExcessMTL(Weighting):
 
     def excess_risks(self, jacobian: list[Tensor]) -> Tensor:
         """Accumulate ``S`` in place and return ``e`` (Eq. 6) as float64."""
-        sums = self._check_layout(jacobian)
+        sums = self._sums_on_device(jacobian)
         m = jacobian[0].shape[0]
         risks = torch.zeros(m, dtype=torch.float64, device=jacobian[0].device)
         for block, acc in zip(jacobian, sums):
+            block = block.to(acc.dtype)
             acc.addcmul_(block, block)
             scaled = acc.add(_SQRT_EPS).rsqrt_().mul_(block).mul_(block)
             risks += scaled.reshape(m, -1).sum(1, dtype=torch.float64)

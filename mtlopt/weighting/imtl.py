@@ -81,10 +81,14 @@ class IMTLL(Weighting):
     def __init__(self, lr: float | None = None, n_tasks: int | None = None) -> None:
         super().__init__()
         self.lr = None if lr is None else check_positive("lr", lr)
-        self.log_scales: Tensor | None = None
+        if n_tasks is not None and (
+            isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 1
+        ):
+            raise ValueError(f"n_tasks: expected a positive int or None, got {n_tasks!r}")
+        # The scales exist from the start (empty until the number of tasks is known) so that
+        # their param group is in place before LR schedulers are built on the optimizer.
+        self.log_scales = torch.nn.Parameter(torch.zeros(0))
         if n_tasks is not None:
-            if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 1:
-                raise ValueError(f"n_tasks: expected a positive int or None, got {n_tasks!r}")
             self.ensure_parameters(n_tasks)
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -95,7 +99,7 @@ class IMTLL(Weighting):
 
     def scales(self, losses: Tensor) -> Tensor:
         """``exp(s)`` in float64 (ones before the scales exist: ``s`` starts at zero)."""
-        if self.log_scales is None:
+        if self.log_scales.numel() == 0:
             return torch.ones_like(losses)
         return self.log_scales.detach().to(device=losses.device, dtype=torch.float64).exp()
 
@@ -103,42 +107,38 @@ class IMTLL(Weighting):
         return self.scales(losses)
 
     def learnable_parameters(self) -> list[Tensor]:
-        return [] if self.log_scales is None else [self.log_scales]
+        return [self.log_scales]
 
     def ensure_parameters(self, n_tasks: int) -> list[Tensor]:
-        if self.log_scales is not None:
-            return []
-        self.n_tasks = n_tasks
-        self.log_scales = torch.nn.Parameter(torch.zeros(n_tasks))
-        return [self.log_scales]
+        if self.log_scales.numel() == 0:
+            self.n_tasks = n_tasks
+            self.log_scales.data = torch.zeros(n_tasks, device=self.log_scales.device)
+        return []
 
     def parameter_group_options(self) -> dict[str, Any]:
         return {} if self.lr is None else {"lr": self.lr}
 
     def accumulate_parameter_grads(self, losses: Tensor) -> None:
         scales = self.log_scales
-        assert scales is not None
         grad = (self.scales(losses) * losses - 1.0).to(device=scales.device, dtype=scales.dtype)
         scales.grad = grad if scales.grad is None else scales.grad.add_(grad)
 
     def state_dict(self) -> dict[str, Any]:
-        scales = self.log_scales
-        return {
-            "n_tasks": self.n_tasks,
-            "log_scales": None if scales is None else scales.detach().clone(),
-        }
+        return {"n_tasks": self.n_tasks, "log_scales": self.log_scales.detach().clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = state.get("log_scales")
-        if saved is not None and self.log_scales is not None:
-            copy_tensor_state(self.log_scales, saved, "log_scales")  # shape check
+        self.check_state_dict(state)
+        saved = state["log_scales"]
+        if not isinstance(saved, Tensor) or saved.dim() != 1:
+            raise ValueError(f"state_dict: log_scales should be a 1-D tensor, got {saved!r}")
+        if self.log_scales.numel() not in (0, saved.numel()):
+            raise ValueError(
+                f"state_dict: log_scales has {saved.numel()} entries, this {self!r} has "
+                f"{self.log_scales.numel()} (another number of tasks)"
+            )
         super().load_state_dict(state)
-        if saved is None:
-            return
-        self.ensure_parameters(int(saved.numel()))
-        assert self.log_scales is not None
         with torch.no_grad():
-            self.log_scales.copy_(saved)
+            self.log_scales.data = saved.detach().to(self.log_scales).clone()
 
 
 class IMTL(IMTLL):

@@ -1,0 +1,197 @@
+"""Regressions from review: schedulers with loss-scale groups, copies after a scheduler wraps
+``step``, atomic multi-group steps, load rollback, half precision, late vmap failures."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch.optim import lr_scheduler
+
+from mtlopt import MultiTaskOptimizer
+from mtlopt.aggregation import gramian
+from mtlopt.weighting import IMTL, IMTLL, ExcessMTL, GradVac
+
+from .conftest import Net, assert_same, make_batch, snapshot
+
+SCHEDULERS = {
+    "OneCycleLR": lambda o: lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=10),
+    "LambdaLR": lambda o: lr_scheduler.LambdaLR(o, lambda step: 0.9**step),
+    "SequentialLR": lambda o: lr_scheduler.SequentialLR(
+        o,
+        [lr_scheduler.ConstantLR(o, factor=0.5, total_iters=2), lr_scheduler.ExponentialLR(o, 0.9)],
+        milestones=[2],
+    ),
+    "CosineAnnealingLR": lambda o: lr_scheduler.CosineAnnealingLR(o, T_max=5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+@pytest.mark.parametrize("weighting", [IMTL, IMTLL])
+def test_scheduler_built_before_first_step_drives_scale_group(name: str, weighting) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    net = Net()
+    opt = MultiTaskOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), weighting=weighting())
+    scheduler = SCHEDULERS[name](opt)
+    for step in range(4):
+        opt.zero_grad()
+        opt.step(net.losses(*make_batch(step)))
+        scheduler.step()
+    groups = opt.param_groups
+    assert groups[-1].get("mtlopt_role") == "loss_scales"
+    assert groups[-1]["params"][0].shape == (3,)
+    # The scale group follows the same schedule as the model's group.
+    assert groups[-1]["lr"] == pytest.approx(groups[0]["lr"])
+
+
+def test_copies_after_scheduler_wrapped_step_are_independent() -> None:
+    torch.manual_seed(0)
+    net = Net()
+    opt = MultiTaskOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), weighting=GradVac())
+    lr_scheduler.StepLR(opt, step_size=1)
+    opt.step(net.losses(*make_batch(0)))
+    before = [p.detach().clone() for p in net.parameters()]
+    for net2, opt2 in (copy.deepcopy((net, opt)), pickle.loads(pickle.dumps((net, opt)))):
+        opt2.zero_grad()
+        opt2.step(net2.losses(*make_batch(1)))
+        assert not all(torch.equal(a, b) for a, b in zip(before, net2.parameters()))
+    for a, b in zip(before, net.parameters()):
+        assert torch.equal(a, b)  # the copies' steps never reached the original
+
+
+def test_layout_error_in_one_group_leaves_every_group_untouched() -> None:
+    torch.manual_seed(0)
+    net = Net()
+    base = torch.optim.SGD(
+        [
+            {"params": net.encoder[0].parameters(), "weighting": GradVac()},
+            {"params": net.encoder[2].parameters(), "weighting": ExcessMTL()},
+            {"params": net.heads.parameters()},
+        ],
+        lr=0.1,
+    )
+    opt = MultiTaskOptimizer(base)
+    opt.step(net.losses(*make_batch(0)))
+    # A corrupted layout for ExcessMTL's state (as after swapping the group's parameters).
+    excess = opt.param_groups[1]["weighting"]
+    excess.squared_grad_sums = excess.squared_grad_sums[:1]
+    opt.zero_grad()
+    before = snapshot(net, opt)
+    with pytest.raises(ValueError, match="ExcessMTL keeps squared-gradient sums"):
+        opt.step(net.losses(*make_batch(1)))
+    assert_same(snapshot(net, opt), before)
+
+
+def test_failed_load_restores_scales_and_groups() -> None:
+    torch.manual_seed(0)
+    net = Net()
+    opt = MultiTaskOptimizer(torch.optim.Adam(net.parameters(), lr=0.1), weighting=IMTL())
+    for step in range(2):
+        opt.zero_grad()
+        opt.step(net.losses(*make_batch(step)))
+    saved = opt.state_dict()
+    opt.zero_grad()
+    opt.step(net.losses(*make_batch(5)))
+    before = snapshot(net, opt)
+    groups = list(opt.param_groups)
+    broken = copy.deepcopy(saved)
+    broken["param_groups"][0]["params"] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]  # extra id
+    broken["param_groups"][1]["params"] = [13]
+    with pytest.raises(ValueError):
+        opt.load_state_dict(broken)
+    assert_same(snapshot(net, opt), before)
+    assert opt.param_groups == groups
+
+
+def test_failed_load_in_base_optimizer_rolls_back_weightings() -> None:
+    torch.manual_seed(0)
+    net = Net()
+    opt = MultiTaskOptimizer(torch.optim.Adam(net.parameters(), lr=0.1), weighting=IMTL())
+    opt.step(net.losses(*make_batch(0)))
+    saved = copy.deepcopy(opt.state_dict())
+    opt.zero_grad()
+    opt.step(net.losses(*make_batch(1)))
+    before = snapshot(net, opt)
+    saved["mtlopt"]["groups"][0]["state"]["log_scales"] = torch.tensor([9.0, 9.0, 9.0])
+    saved["state"] = 5  # the base optimizer's own load fails, after the weightings loaded
+    with pytest.raises(Exception):
+        opt.load_state_dict(saved)
+    assert_same(snapshot(net, opt), before)
+
+
+def test_half_precision_gramian_does_not_overflow() -> None:
+    block = torch.full((2, 4000), 300.0, dtype=torch.float16)  # each product 9e4 > fp16 max
+    expected = torch.full((2, 2), 300.0**2 * 4000, dtype=torch.float64)
+    torch.testing.assert_close(gramian([block]), expected)
+
+
+def test_half_precision_excess_mtl_keeps_float32_sums() -> None:
+    weighting = ExcessMTL()
+    block = torch.full((2, 10), 400.0, dtype=torch.float16)
+    for _ in range(3):
+        weights = weighting.weights_from_jacobian([block], torch.ones(2, dtype=torch.float64))
+    assert weighting.squared_grad_sums[0].dtype == torch.float32
+    assert torch.isfinite(weighting.squared_grad_sums[0]).all()
+    assert torch.isfinite(weights).all()
+
+
+def test_large_finite_half_gradients_are_not_called_non_finite() -> None:
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.full((5000,), 60000.0, dtype=torch.float16))
+    opt = MultiTaskOptimizer(torch.optim.SGD([w], lr=0.0), weighting=GradVac())
+    # d loss_i / d w = 60000 per entry: a float16 norm would overflow, the values do not.
+    losses = [(w.float() * w.float()).sum() / 2 / 60000 * c for c in (1.0, 0.5)]
+    opt.step(losses)
+    assert torch.isfinite(w.grad.float()).all()
+
+
+class FlakyVmap(torch.autograd.Function):
+    """Identity whose backward refuses vmap only when ``fail`` is set (a late code path)."""
+
+    fail = False
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        if FlakyVmap.fail and torch._C._functorch.is_batchedtensor(grad):
+            raise RuntimeError("no batching rule on this code path")
+        return grad * 1.0
+
+
+def test_fallback_after_batched_steps_succeeded() -> None:
+    torch.manual_seed(0)
+    net = Net()
+    reference = copy.deepcopy(net)
+
+    def losses(model: Net, step: int) -> list[torch.Tensor]:
+        x, y = make_batch(step)
+        z = FlakyVmap.apply(model.encoder(x))
+        return [((h(z).squeeze(-1) - y[:, t]) ** 2).mean() for t, h in enumerate(model.heads)]
+
+    opt = MultiTaskOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), weighting=GradVac(seed=1))
+    ref = MultiTaskOptimizer(
+        torch.optim.SGD(reference.parameters(), lr=0.1), weighting=GradVac(seed=1), jacobian="loop"
+    )
+    try:
+        for step in range(3):
+            FlakyVmap.fail = step == 2
+            for model, o in ((net, opt), (reference, ref)):
+                o.zero_grad()
+                if step == 2 and o is opt:
+                    with pytest.warns(RuntimeWarning, match="no batching rule"):
+                        o.step(losses(model, step))
+                else:
+                    o.step(losses(model, step))
+    finally:
+        FlakyVmap.fail = False
+    for a, b in zip(net.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
