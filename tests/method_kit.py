@@ -1,0 +1,68 @@
+"""What the shared property tests need to know about every weighting.
+
+``FACTORIES`` builds each registered weighting with test-friendly arguments; a test checks
+that no registered class is missing here, so a new method cannot skip the property kit.
+``direction`` computes a method's update of one shared tensor from an explicit Jacobian,
+through the same hooks the optimizer calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from mtlopt.weighting import weighting_class
+from mtlopt.weighting.base import Weighting
+
+
+def _build(name: str, **kwargs: object) -> Callable[[], Weighting]:
+    return lambda: weighting_class(name)(**kwargs)
+
+
+FACTORIES: dict[str, Callable[[], Weighting]] = {
+    name: _build(name)
+    for name in [
+        "AdaTask", "AlignedMTL", "CAGrad", "ConFIG", "ConicGrad", "DBMTL", "DualProj", "DWA",
+        "ExcessMTL", "FAMO", "FairGrad", "GLS", "GradDrop", "GradNorm", "GradVac", "IMGrad",
+        "IMTL", "IMTLG", "IMTLL", "MGDA", "MoCo", "MoDo", "Mean", "NashMTL", "PCGrad",
+        "Random", "SDMGrad", "STCH", "Sum", "UPGrad", "UW",
+    ]
+}
+FACTORIES["Constant"] = lambda: weighting_class("Constant")(weights=[1.0, 2.0, 0.5])
+FACTORIES["Krum"] = lambda: weighting_class("Krum")(n_byzantine=1, n_selected=2)
+FACTORIES["TrimmedMean"] = lambda: weighting_class("TrimmedMean")(trim_number=1)
+
+#: Methods whose papers prove the update never conflicts with a task (J d >= 0).
+NON_CONFLICTING = {"UPGrad", "DualProj", "MGDA", "NashMTL", "FairGrad", "ConFIG"}
+#: Deterministic, order-free methods: permuting the tasks permutes nothing in the update.
+ORDER_FREE = {
+    "AlignedMTL", "CAGrad", "ConFIG", "DualProj", "FairGrad", "GLS", "IMGrad", "IMTL", "IMTLG",
+    "IMTLL", "MGDA", "Mean", "NashMTL", "Sum", "UPGrad", "UW", "ConicGrad",
+}
+#: Methods whose task count is fixed by their hyperparameters.
+FIXED_TASKS = {"Constant": 3}
+
+
+def direction(weighting: Weighting, jacobian: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    """The update of one shared tensor with per-task gradients ``jacobian`` ([m, n])."""
+    m = jacobian.shape[0]
+    weighting.ensure_parameters(m)
+    scale = weighting.loss_weights(losses)
+    if weighting.needs == "losses":
+        assert scale is not None
+        return scale.to(jacobian.dtype) @ jacobian
+    if scale is not None:
+        jacobian = jacobian * scale.to(jacobian.dtype)[:, None]
+    if weighting.n_batches > 1:
+        gramian = (jacobian @ jacobian.T).to(torch.float64)
+        b = weighting.n_batches
+        cross = gramian.expand(b, b, m, m).clone()
+        weights = weighting.weights_from_cross_gramians(cross, losses)
+    elif weighting.needs == "gramian":
+        weights = weighting.weights_from_gramian((jacobian @ jacobian.T).to(torch.float64), losses)
+    else:
+        weighting.check_layout([jacobian])
+        updates, _ = weighting.update_from_jacobian([jacobian], losses, [(1 << m) - 1])
+        return updates[0]
+    return weights.to(jacobian.dtype) @ jacobian
