@@ -9,6 +9,10 @@ import torch
 from torch import Tensor
 
 
+class NonFiniteError(FloatingPointError):
+    """A loss or a per-task gradient holds nan or inf (nothing was changed)."""
+
+
 @dataclass
 class TaskLosses:
     """The m losses in the forms the step needs."""
@@ -82,7 +86,7 @@ def _finish(output: Tensor, roots: list[object | None]) -> TaskLosses:
     finite = torch.isfinite(values)
     if not bool(finite.all()):
         bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
-        raise FloatingPointError(
+        raise NonFiniteError(
             f"losses: expected finite values, got {values[bad].tolist()} for task(s) {bad}; "
             "nothing was changed"
         )

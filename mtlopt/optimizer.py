@@ -13,16 +13,18 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import checkpoint
-from .aggregation import (
-    GroupPlan,
-    GroupResult,
-    aggregate_cross_batch,
-    aggregate_loss_only,
-    aggregate_per_task,
+from .aggregation import GroupPlan, GroupResult
+from .gradients import (
+    aggregate,
+    build_plans,
+    check_batches,
+    extra_batch_gradients,
+    needs_per_task,
+    nonfinite_rows,
+    per_task_gradients,
 )
 from .jacobian import JacobianEngine
-from .losses import TaskLosses, loss_values, prepare_losses
-from .reachability import task_masks
+from .losses import NonFiniteError, TaskLosses, loss_values, prepare_losses
 from .weighting import resolve
 from .weighting.base import Weighting
 from .weighting.baselines import Mean
@@ -67,6 +69,9 @@ class MultiTaskOptimizer(Optimizer):
         weighting: default weighting, copied into every group that names none (default Mean).
         chunk_size: at most this many tasks are differentiated at once (bounds memory).
         jacobian: ``"auto"`` (batched, loop fallback), ``"batched"`` or ``"loop"``.
+        nonfinite: what a nan or inf in the losses or per-task gradients does: ``"raise"``
+            a ``FloatingPointError`` (default) or ``"skip"`` the step (counted in
+            ``skipped_steps``); either way no parameter, gradient or state moves.
     """
 
     def __init__(
@@ -76,6 +81,7 @@ class MultiTaskOptimizer(Optimizer):
         *,
         chunk_size: int | None = None,
         jacobian: str = "auto",
+        nonfinite: str = "raise",
     ) -> None:
         if not isinstance(optimizer, Optimizer) or isinstance(optimizer, MultiTaskOptimizer):
             raise TypeError(
@@ -83,6 +89,12 @@ class MultiTaskOptimizer(Optimizer):
                 f"got {type(optimizer).__name__}"
             )
         weighting = resolve(weighting) or Mean()
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite: expected 'raise' or 'skip', got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        #: Steps skipped because of nan/inf values (``nonfinite="skip"`` or a GradScaler).
+        self.skipped_steps = 0
+        self._skip_pending = False
         self.optimizer = optimizer
         self.weighting = weighting
         self._engine = JacobianEngine(chunk_size, jacobian)
@@ -211,9 +223,14 @@ class MultiTaskOptimizer(Optimizer):
             with torch.enable_grad():
                 result = closure()
                 extra = [closure() for _ in range(self._n_batches() - 1)]
-            self.backward(result, extra_batches=extra)
+            committed = self.backward(result, extra_batches=extra)
         elif losses is not None:
-            self.backward(losses)
+            committed = self.backward(losses)
+        else:
+            committed = not self._skip_pending
+        self._skip_pending = False
+        if not committed:
+            return result  # non-finite values under nonfinite="skip": nothing moves
         self.optimizer.step()
         if closure is not None:
             self._observe_after_step(closure)
@@ -225,55 +242,94 @@ class MultiTaskOptimizer(Optimizer):
         retain_graph: bool = False,
         *,
         extra_batches: Sequence[Sequence[Tensor] | Tensor] = (),
-    ) -> None:
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> bool:
         """Write the multi-task gradients of ``losses`` into ``.grad`` without stepping.
 
-        Use it to clip or inspect gradients (or with ``torch.amp.GradScaler``), then call
-        ``step()``. ``extra_batches``: the losses of further mini-batches, for weightings
-        that read several per step (their count is ``n_batches - 1``). Bad input raises
-        before any parameter, gradient or state changes.
+        Use it to clip or inspect gradients, then call ``step()``. ``extra_batches``: the
+        losses of further mini-batches, for weightings that read several per step (their
+        count is ``n_batches - 1``). ``scaler``: a ``torch.amp.GradScaler``; pass the
+        *unscaled* losses, mtlopt scales them for the backward pass, hands the weightings
+        unscaled per-task gradients, and writes scaled gradients to ``.grad`` so that
+        ``scaler.unscale_(opt)``, ``scaler.step(opt)`` and ``scaler.update()`` work as usual;
+        on overflow it leaves every weighting's state alone and marks ``.grad`` so that the
+        scaler skips the step and lowers its scale.
+
+        Returns True if gradients were written, False if the step was skipped (non-finite
+        values under ``nonfinite="skip"`` or a scaler). Bad input raises before any
+        parameter, gradient or state changes.
         """
-        task_losses = prepare_losses(losses)
-        extra = [prepare_losses(batch) for batch in extra_batches]
-        plans = self._plans(task_losses)
-        self._check_batches(plans, task_losses, extra)
+        scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        try:
+            task_losses = prepare_losses(losses)
+            extra = [prepare_losses(batch) for batch in extra_batches]
+        except NonFiniteError as error:
+            return self._skip_non_finite(error, scaler)
+        groups = [(i, g) for i, g in enumerate(self.param_groups) if not _is_internal(g)]
+        plans = build_plans(groups, task_losses)
+        check_batches(plans, task_losses, extra)
+        scale = None
+        if scaler is not None:
+            # The scale as a tensor (no host synchronisation), applied in the graph.
+            output = task_losses.output
+            scale = scaler.scale(torch.ones((), dtype=torch.float32, device=output.device))
+            for batch in (task_losses, *extra):
+                with torch.enable_grad():
+                    batch.output = batch.output * scale.to(batch.output.dtype)
         with torch.enable_grad():
-            jacobian = self._gradients(task_losses, plans, retain_graph)
-            extra_jacobians = [self._extra_gradients(batch, plans) for batch in extra]
+            jacobian = per_task_gradients(self._engine, task_losses, plans, retain_graph)
+            extra_jacobians = [extra_batch_gradients(self._engine, b, plans) for b in extra]
         with torch.no_grad():
-            _check_finite([jacobian, *extra_jacobians], plans)
+            bad = nonfinite_rows([jacobian, *extra_jacobians])
+            if bad:
+                what = f"task(s) {bad}" if needs_per_task(plans) else "the loss-weighted gradient"
+                error = NonFiniteError(
+                    f"losses: the gradients of {what} are not finite (nan or inf); "
+                    "nothing was changed"
+                )
+                return self._skip_non_finite(error, scaler)
+            unscale = scale is not None and needs_per_task(plans)
+            if unscale:
+                for jac in (jacobian, *extra_jacobians):
+                    for blocks in jac:
+                        for block in blocks:
+                            if block is not None:
+                                block.div_(scale.to(block.dtype))
             for plan, blocks in zip(plans, jacobian):
                 plan.split(blocks)
             for plan in plans:
                 plan.weighting.check_layout([block for _, block in plan.shared])
             results = {
-                plan.index: self._aggregate(
-                    plan, jacobian[k], [e[k] for e in extra_jacobians], task_losses
+                plan.index: aggregate(
+                    plan, jacobian[k], [e[k] for e in extra_jacobians], task_losses.values
                 )
                 for k, plan in enumerate(plans)
             }
-            self._commit(plans, results, task_losses)
+            self._commit(plans, results, task_losses, scale, unscale)
+        self._skip_pending = False
+        return True
 
     def _n_batches(self) -> int:
         return max((w.n_batches for w in self.weightings() if w is not None), default=1)
 
-    def _check_batches(
-        self, plans: list[GroupPlan], task_losses: TaskLosses, extra: list[TaskLosses]
-    ) -> None:
-        needy = max(plans, key=lambda plan: plan.weighting.n_batches, default=None)
-        wanted = 1 if needy is None else needy.weighting.n_batches
-        if len(extra) != wanted - 1:
-            raise ValueError(
-                f"extra_batches: {needy.weighting!r} reads {wanted} mini-batch(es) per step, so "
-                f"{wanted - 1} extra batch(es) of losses are expected, got {len(extra)}; call "
-                "opt.step(closure) with a closure that draws a fresh batch and returns its losses"
+    def _skip_non_finite(self, error: NonFiniteError, scaler: torch.amp.GradScaler | None) -> bool:
+        """Raise (the default), or skip the step without moving any state."""
+        if scaler is not None:
+            # Let the scaler see the overflow: it skips the step and lowers its scale.
+            target = next(
+                (p for g in self.param_groups if not _is_internal(g) for p in g["params"]), None
             )
-        for index, batch in enumerate(extra):
-            if batch.n_tasks != task_losses.n_tasks:
-                raise ValueError(
-                    f"extra_batches[{index}]: expected {task_losses.n_tasks} losses (as in the "
-                    f"first batch), got {batch.n_tasks}"
-                )
+            if target is not None:
+                if target.grad is None:
+                    target.grad = torch.full_like(target, float("inf"))
+                else:
+                    target.grad.fill_(float("inf"))
+        elif self.nonfinite == "raise":
+            raise error
+        else:
+            self._skip_pending = True
+        self.skipped_steps += 1
+        return False
 
     def _observe_after_step(self, closure: Callable[[], Any]) -> None:
         """Show the losses re-evaluated after the step to weightings that learn from them."""
@@ -293,88 +349,19 @@ class MultiTaskOptimizer(Optimizer):
         for weighting in wanting:
             weighting.observe(values, after_step=True)
 
-    def _plans(self, task_losses: TaskLosses) -> list[GroupPlan]:
-        plans = []
-        for index, group in enumerate(self.param_groups):
-            if _is_internal(group):
-                continue
-            weighting: Weighting = group["weighting"]
-            weighting.check_n_tasks(task_losses.n_tasks)
-            params = [p for p in group["params"] if p.requires_grad]
-            scale = weighting.loss_weights(task_losses.values)
-            plans.append(GroupPlan(index, weighting, params, scale))
-        return plans
-
-    def _gradients(
-        self, task_losses: TaskLosses, plans: list[GroupPlan], retain_graph: bool
-    ) -> list[list[Tensor | None]]:
-        """Per group, per parameter: ``[m, *shape]`` per-task gradients, or ``[r, *shape]``
-        loss-weighted rows when no group needs per-task gradients."""
-        inputs = [p for plan in plans for p in plan.params]
-        output = task_losses.output
-        if any(plan.weighting.needs != "losses" for plan in plans):
-            masks = task_masks(task_losses.roots, inputs)
-            eye = torch.eye(task_losses.n_tasks, dtype=output.dtype, device=output.device)
-            flat = self._engine.rows_vjp(output, inputs, eye, retain_graph, [m != 0 for m in masks])
-            offset = 0
-            for plan in plans:
-                plan.masks = masks[offset : offset + len(plan.params)]
-                offset += len(plan.params)
-        else:
-            # Loss-only: one backward per distinct vector of loss weights (usually one).
-            distinct: list[Tensor] = []
-            for plan in plans:
-                assert plan.loss_weights is not None, f"{plan.weighting!r} returned no loss weights"
-                plan.row = next(
-                    (k for k, c in enumerate(distinct) if torch.equal(c, plan.loss_weights)), None
-                )
-                if plan.row is None:
-                    distinct.append(plan.loss_weights)
-                    plan.row = len(distinct) - 1
-            rows = torch.stack(distinct).to(device=output.device, dtype=output.dtype)
-            flat = self._engine.rows_vjp(output, inputs, rows, retain_graph)
-            row_of = [plan.row for plan in plans for _ in plan.params]
-            flat = [None if b is None else b[row : row + 1] for b, row in zip(flat, row_of)]
-        per_group, offset = [], 0
-        for plan in plans:
-            per_group.append(flat[offset : offset + len(plan.params)])
-            offset += len(plan.params)
-        return per_group
-
-    def _extra_gradients(
-        self, task_losses: TaskLosses, plans: list[GroupPlan]
-    ) -> list[list[Tensor | None]]:
-        """Per-task gradients of a further mini-batch, for the groups that read several."""
-        wanted = [plan.params if plan.weighting.n_batches > 1 else [] for plan in plans]
-        inputs = [p for params in wanted for p in params]
-        output = task_losses.output
-        eye = torch.eye(task_losses.n_tasks, dtype=output.dtype, device=output.device)
-        flat = self._engine.rows_vjp(output, inputs, eye) if inputs else []
-        per_group, offset = [], 0
-        for params in wanted:
-            per_group.append(flat[offset : offset + len(params)])
-            offset += len(params)
-        return per_group
-
-    @staticmethod
-    def _aggregate(
-        plan: GroupPlan,
-        blocks: list[Tensor | None],
-        extra: list[list[Tensor | None]],
-        task_losses: TaskLosses,
-    ) -> GroupResult:
-        if plan.weighting.needs == "losses":
-            return aggregate_loss_only(plan, blocks)
-        if plan.weighting.n_batches > 1:
-            return aggregate_cross_batch(plan, extra, task_losses.values)
-        return aggregate_per_task(plan, task_losses.values)
-
     def _commit(
-        self, plans: list[GroupPlan], results: dict[int, GroupResult], task_losses: TaskLosses
+        self,
+        plans: list[GroupPlan],
+        results: dict[int, GroupResult],
+        task_losses: TaskLosses,
+        scale: Tensor | None,
+        rescale_updates: bool,
     ) -> None:
         for result in results.values():
             for param, update in result.updates:
                 update = update.reshape(param.shape)
+                if rescale_updates:
+                    update = update * scale.to(update.dtype)
                 if param.grad is None:
                     param.grad = update
                 else:
@@ -386,9 +373,22 @@ class MultiTaskOptimizer(Optimizer):
                 self._register_learnable(weighting)
             if weighting.learnable_parameters():
                 self._place_learnable(weighting, device)
-                weighting.accumulate_parameter_grads(task_losses.values)
+                self._accumulate_learnable(weighting, task_losses.values, scale)
             weighting.observe(task_losses.values, after_step=False)
         self.last_step = results
+
+    @staticmethod
+    def _accumulate_learnable(weighting: Weighting, values: Tensor, scale: Tensor | None) -> None:
+        """The weighting's own gradients, scaled like every other ``.grad`` under a scaler."""
+        tensors = weighting.learnable_parameters()
+        before = [None if t.grad is None else t.grad.clone() for t in tensors]
+        weighting.accumulate_parameter_grads(values)
+        if scale is None:
+            return
+        for tensor, old in zip(tensors, before):
+            if tensor.grad is not None:
+                added = tensor.grad if old is None else tensor.grad - old
+                tensor.grad = added * scale.to(added.dtype) + (0 if old is None else old)
 
     def _place_learnable(self, weighting: Weighting, device: torch.device) -> None:
         """Move a weighting's learnable tensors to the losses' device before they have
@@ -450,29 +450,3 @@ class MultiTaskOptimizer(Optimizer):
 
 def _is_internal(group: dict[str, Any]) -> bool:
     return group.get(ROLE_KEY) == LOSS_SCALES
-
-
-def _check_finite(jacobians: list[list[list[Tensor | None]]], plans: list[GroupPlan]) -> None:
-    """Raise FloatingPointError, before any state moves, if a gradient is not finite.
-
-    Rows are summed in float64: a nan or inf anywhere propagates, and no finite float32 or
-    half-precision value can overflow (a norm could).
-    """
-    sums = [
-        block.reshape(block.shape[0], -1).sum(1, dtype=torch.float64)
-        for jacobian in jacobians
-        for blocks in jacobian
-        for block in blocks
-        if block is not None
-    ]
-    if not sums:
-        return
-    per_row = torch.stack(sums).sum(0)
-    if bool(torch.isfinite(per_row).all()):
-        return
-    bad = [i for i, ok in enumerate(torch.isfinite(per_row).tolist()) if not ok]
-    per_task = any(plan.weighting.needs != "losses" for plan in plans)
-    what = f"task(s) {bad}" if per_task else "the loss-weighted gradient"
-    raise FloatingPointError(
-        f"losses: the gradients of {what} are not finite (nan or inf); nothing was changed"
-    )

@@ -1,0 +1,144 @@
+"""One multi-task backward: plans per group, per-task gradients, checks, aggregation.
+
+Pure orchestration over :mod:`jacobian` (autograd), :mod:`reachability` (which losses reach
+which parameter) and :mod:`aggregation` (the weightings); it changes no state of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .aggregation import (
+    GroupPlan,
+    GroupResult,
+    aggregate_cross_batch,
+    aggregate_loss_only,
+    aggregate_per_task,
+)
+from .jacobian import JacobianEngine
+from .losses import TaskLosses
+from .reachability import task_masks
+from .weighting.base import Weighting
+
+Jacobian = list[list[Tensor | None]]  #: per group, per parameter: a block or None
+
+
+def build_plans(groups: list[tuple[int, dict[str, Any]]], task_losses: TaskLosses) -> list[GroupPlan]:
+    """One plan per aggregation group (index, group dict); raises before any state moves."""
+    plans = []
+    for index, group in groups:
+        weighting: Weighting = group["weighting"]
+        weighting.check_n_tasks(task_losses.n_tasks)
+        params = [p for p in group["params"] if p.requires_grad]
+        scale = weighting.loss_weights(task_losses.values)
+        plans.append(GroupPlan(index, weighting, params, scale))
+    return plans
+
+
+def check_batches(plans: list[GroupPlan], task_losses: TaskLosses, extra: list[TaskLosses]) -> None:
+    """Raise ValueError unless ``extra`` holds as many further batches as the plans read."""
+    needy = max(plans, key=lambda plan: plan.weighting.n_batches, default=None)
+    wanted = 1 if needy is None else needy.weighting.n_batches
+    if len(extra) != wanted - 1:
+        raise ValueError(
+            f"extra_batches: {needy.weighting if needy else 'the step'!r} reads {wanted} "
+            f"mini-batch(es) per step, so {wanted - 1} extra batch(es) of losses are expected, "
+            f"got {len(extra)}; call opt.step(closure) with a closure that draws a fresh batch "
+            "and returns its losses"
+        )
+    for index, batch in enumerate(extra):
+        if batch.n_tasks != task_losses.n_tasks:
+            raise ValueError(
+                f"extra_batches[{index}]: expected {task_losses.n_tasks} losses (as in the "
+                f"first batch), got {batch.n_tasks}"
+            )
+
+
+def needs_per_task(plans: list[GroupPlan]) -> bool:
+    return any(plan.weighting.needs != "losses" for plan in plans)
+
+
+def per_task_gradients(
+    engine: JacobianEngine, task_losses: TaskLosses, plans: list[GroupPlan], retain_graph: bool
+) -> Jacobian:
+    """Per group, per parameter: ``[m, *shape]`` per-task gradients, or ``[1, *shape]``
+    loss-weighted rows when no group needs per-task gradients (one ordinary backward)."""
+    inputs = [p for plan in plans for p in plan.params]
+    output = task_losses.output
+    if needs_per_task(plans):
+        masks = task_masks(task_losses.roots, inputs)
+        eye = torch.eye(task_losses.n_tasks, dtype=output.dtype, device=output.device)
+        flat = engine.rows_vjp(output, inputs, eye, retain_graph, [m != 0 for m in masks])
+        for plan, plan_masks in zip(plans, _split(masks, plans)):
+            plan.masks = plan_masks
+    else:
+        # Loss-only: one backward per distinct vector of loss weights (usually one).
+        distinct: list[Tensor] = []
+        for plan in plans:
+            assert plan.loss_weights is not None, f"{plan.weighting!r} returned no loss weights"
+            plan.row = next(
+                (k for k, c in enumerate(distinct) if torch.equal(c, plan.loss_weights)), None
+            )
+            if plan.row is None:
+                distinct.append(plan.loss_weights)
+                plan.row = len(distinct) - 1
+        rows = torch.stack(distinct).to(device=output.device, dtype=output.dtype)
+        flat = engine.rows_vjp(output, inputs, rows, retain_graph)
+        row_of = [plan.row for plan in plans for _ in plan.params]
+        flat = [None if b is None else b[row : row + 1] for b, row in zip(flat, row_of)]
+    return _split(flat, plans)
+
+
+def extra_batch_gradients(
+    engine: JacobianEngine, task_losses: TaskLosses, plans: list[GroupPlan]
+) -> Jacobian:
+    """Per-task gradients of a further mini-batch, for the groups that read several."""
+    wanted = [plan if plan.weighting.n_batches > 1 else None for plan in plans]
+    inputs = [p for plan in wanted if plan is not None for p in plan.params]
+    output = task_losses.output
+    eye = torch.eye(task_losses.n_tasks, dtype=output.dtype, device=output.device)
+    flat = iter(engine.rows_vjp(output, inputs, eye) if inputs else [])
+    return [[] if plan is None else [next(flat) for _ in plan.params] for plan in wanted]
+
+
+def _split(flat: list[Any], plans: list[GroupPlan]) -> list[list[Any]]:
+    per_group, offset = [], 0
+    for plan in plans:
+        per_group.append(flat[offset : offset + len(plan.params)])
+        offset += len(plan.params)
+    return per_group
+
+
+def nonfinite_rows(jacobians: list[Jacobian]) -> list[int]:
+    """The rows (tasks, or the loss-weighted row) holding a nan or inf; empty if none.
+
+    Rows are summed in float64: a nan or inf anywhere propagates, and no finite float32 or
+    half-precision value can overflow (a norm could).
+    """
+    sums = [
+        block.reshape(block.shape[0], -1).sum(1, dtype=torch.float64)
+        for jacobian in jacobians
+        for blocks in jacobian
+        for block in blocks
+        if block is not None
+    ]
+    if not sums:
+        return []
+    finite = torch.isfinite(torch.stack(sums).sum(0))
+    if bool(finite.all()):
+        return []
+    return [i for i, ok in enumerate(finite.tolist()) if not ok]
+
+
+def aggregate(
+    plan: GroupPlan, blocks: list[Tensor | None], extra: list[list[Tensor | None]], losses: Tensor
+) -> GroupResult:
+    """The group's updates from its blocks (``plan.split`` must have run)."""
+    if plan.weighting.needs == "losses":
+        return aggregate_loss_only(plan, blocks)
+    if plan.weighting.n_batches > 1:
+        return aggregate_cross_batch(plan, extra, losses)
+    return aggregate_per_task(plan, losses)
