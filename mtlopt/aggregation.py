@@ -55,6 +55,22 @@ class GroupResult:
 
     updates: list[tuple[Tensor, Tensor]]  #: (parameter, gradient to accumulate)
     weights: Tensor | None  #: task weights applied to the shared parameters (float64)
+    #: ``J J^T`` of the shared parameters, when the weighting read it (float64)
+    gramian: Tensor | None = None
+
+    @property
+    def grad_norms(self) -> Tensor | None:
+        """Per-task gradient norms over the group's shared parameters, if the Gramian was read."""
+        return None if self.gramian is None else self.gramian.diagonal().clamp(min=0).sqrt()
+
+    @property
+    def cosines(self) -> Tensor | None:
+        """Pairwise cosines of the per-task gradients (0 where a gradient is zero)."""
+        norms = self.grad_norms
+        if norms is None:
+            return None
+        outer = torch.outer(norms, norms)
+        return torch.where(outer > 0, self.gramian / torch.where(outer > 0, outer, 1.0), 0.0)
 
 
 def gramian(blocks: list[Tensor], others: list[Tensor] | None = None) -> Tensor:
@@ -85,18 +101,19 @@ def _scaled(plan: GroupPlan, block: Tensor) -> Tensor:
 def aggregate_per_task(plan: GroupPlan, losses: Tensor) -> GroupResult:
     """A group whose weighting reads the Gramian or the per-task gradients (after ``split``)."""
     updates = list(plan.head_updates)
-    weights = None
+    weights = product = None
     if plan.shared:
         blocks = [_scaled(plan, block) for _, block in plan.shared]
         params = [plan.params[position] for position, _ in plan.shared]
         if plan.weighting.needs == "gramian":
-            weights = plan.weighting.weights_from_gramian(gramian(blocks), losses)
+            product = gramian(blocks)
+            weights = plan.weighting.weights_from_gramian(product, losses)
             combined = [combine(weights, block) for block in blocks]
         else:
             masks = [plan.masks[position] for position, _ in plan.shared]
             combined, weights = plan.weighting.update_from_jacobian(blocks, losses, masks)
         updates.extend(zip(params, combined))
-    return GroupResult(updates=updates, weights=weights)
+    return GroupResult(updates=updates, weights=weights, gramian=product)
 
 
 def aggregate_cross_batch(

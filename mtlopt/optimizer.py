@@ -42,7 +42,7 @@ _HOOK_DICTS = (
 )
 
 
-_UNPICKLED = frozenset({*_HOOK_DICTS, "step", "_opt_called"})
+_UNPICKLED = frozenset({*_HOOK_DICTS, "step", "_opt_called", "_step_stats_hooks"})
 
 
 class MultiTaskOptimizer(Optimizer):
@@ -98,8 +98,10 @@ class MultiTaskOptimizer(Optimizer):
         self.optimizer = optimizer
         self.weighting = weighting
         self._engine = JacobianEngine(chunk_size, jacobian)
-        #: Per param group index: what the last step produced (task weights, loss weights).
+        #: Per param group index: what the last step produced (task weights, and the Gramian
+        #: with per-task gradient norms and cosines where the weighting read it).
         self.last_step: dict[int, GroupResult] = {}
+        self._step_stats_hooks: OrderedDict[int, Callable[..., None]] = OrderedDict()
         for name in _HOOK_DICTS:
             setattr(self, name, OrderedDict())
         self._patch_step_function()
@@ -143,6 +145,7 @@ class MultiTaskOptimizer(Optimizer):
         self.__dict__.update(state)
         for name in _HOOK_DICTS:
             self.__dict__.setdefault(name, OrderedDict())
+        self.__dict__.setdefault("_step_stats_hooks", OrderedDict())
         self._patch_step_function()
 
     def __repr__(self) -> str:
@@ -376,6 +379,21 @@ class MultiTaskOptimizer(Optimizer):
                 self._accumulate_learnable(weighting, task_losses.values, scale)
             weighting.observe(task_losses.values, after_step=False)
         self.last_step = results
+        for hook in list(self._step_stats_hooks.values()):
+            hook(self, results)
+
+    def register_step_stats_hook(
+        self, hook: Callable[[MultiTaskOptimizer, dict[int, GroupResult]], None]
+    ) -> torch.utils.hooks.RemovableHandle:
+        """Call ``hook(opt, last_step)`` after every committed multi-task backward.
+
+        ``last_step`` maps each group's index to its :class:`~mtlopt.aggregation.GroupResult`
+        (``weights``, ``gramian``, ``grad_norms``, ``cosines``): log them without recomputing
+        anything. Returns a handle whose ``remove()`` unregisters the hook.
+        """
+        handle = torch.utils.hooks.RemovableHandle(self._step_stats_hooks)
+        self._step_stats_hooks[handle.id] = hook
+        return handle
 
     @staticmethod
     def _accumulate_learnable(weighting: Weighting, values: Tensor, scale: Tensor | None) -> None:

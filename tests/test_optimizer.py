@@ -352,3 +352,26 @@ def test_fallback_through_the_optimizer_matches_loop_and_warns_once() -> None:
     opt_b.step(losses(net_b, 1))
     for p, q in zip(net_a.parameters(), net_b.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_step_stats_hook_sees_weights_norms_and_cosines() -> None:
+    net, opt = fresh(IMTLG())
+    seen = []
+    handle = opt.register_step_stats_hook(lambda o, stats: seen.append(stats))
+    losses = net.losses(*make_batch(0))
+    params = list(net.encoder.parameters())
+    rows = [
+        torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)])
+        for loss in losses
+    ]
+    opt.step(losses)
+    handle.remove()
+    opt.step(net.losses(*make_batch(1)))
+    assert len(seen) == 1
+    stats = seen[0][0]
+    expected_norms = torch.stack([r.norm() for r in rows]).double()
+    torch.testing.assert_close(stats.grad_norms, expected_norms, rtol=1e-5, atol=1e-8)
+    cos01 = torch.nn.functional.cosine_similarity(rows[0], rows[1], dim=0).double()
+    torch.testing.assert_close(stats.cosines[0, 1], cos01, rtol=1e-5, atol=1e-6)
+    assert stats.weights.shape == (3,)
+    assert seen[0][1].gramian is None  # the heads group reads no Gramian
