@@ -26,10 +26,10 @@ class TaskLosses:
         return self.output.shape[0]
 
 
-def prepare_losses(losses: object) -> TaskLosses:
+def prepare_losses(losses: object, check_finite: bool = True) -> TaskLosses:
     """Validate ``losses`` and stack them; raise TypeError/ValueError/FloatingPointError."""
     if isinstance(losses, Tensor):
-        return _from_tensor(losses)
+        return _from_tensor(losses, check_finite)
     if losses is None or isinstance(losses, (str, bytes)) or not isinstance(losses, Sequence):
         raise TypeError(
             "losses: expected a non-empty sequence of one-element tensors or a 1-D tensor, "
@@ -44,10 +44,10 @@ def prepare_losses(losses: object) -> TaskLosses:
         raise ValueError(f"losses: expected all losses on one device, got {sorted(map(str, devices))}")
     with torch.enable_grad():
         output = torch.stack([loss.reshape(()) for loss in losses])
-    return _from_tensor(output)
+    return _from_tensor(output, check_finite)
 
 
-def _from_tensor(losses: Tensor) -> TaskLosses:
+def _from_tensor(losses: Tensor, check_finite: bool) -> TaskLosses:
     if losses.dim() != 1 or losses.numel() == 0:
         raise ValueError(
             "losses: expected a 1-D tensor with one entry per task, got shape "
@@ -62,7 +62,10 @@ def _from_tensor(losses: Tensor) -> TaskLosses:
         roots = children
     else:
         roots = [node] * losses.numel()  # cannot tell the tasks apart: no task heads
-    return _finish(losses, roots)
+    task_losses = TaskLosses(output=losses, roots=roots, values=losses.detach().to(torch.float64))
+    if check_finite:
+        check_finite_values(task_losses.values)
+    return task_losses
 
 
 def _check_one(name: str, loss: object, scalar: bool = True) -> None:
@@ -81,8 +84,8 @@ def _check_one(name: str, loss: object, scalar: bool = True) -> None:
         )
 
 
-def _finish(output: Tensor, roots: list[object | None]) -> TaskLosses:
-    values = output.detach().to(torch.float64)
+def check_finite_values(values: Tensor) -> None:
+    """Raise NonFiniteError naming the tasks whose loss value is nan or inf."""
     finite = torch.isfinite(values)
     if not bool(finite.all()):
         bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
@@ -90,7 +93,6 @@ def _finish(output: Tensor, roots: list[object | None]) -> TaskLosses:
             f"losses: expected finite values, got {values[bad].tolist()} for task(s) {bad}; "
             "nothing was changed"
         )
-    return TaskLosses(output=output, roots=roots, values=values)
 
 
 def loss_values(losses: object) -> Tensor | None:

@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 
 from . import checkpoint
 from .aggregation import GroupPlan, GroupResult
+from .distributed import average_, resolve_process_group
 from .gradients import (
     aggregate,
     build_plans,
@@ -24,7 +25,13 @@ from .gradients import (
     per_task_gradients,
 )
 from .jacobian import JacobianEngine
-from .losses import NonFiniteError, TaskLosses, loss_values, prepare_losses
+from .losses import (
+    NonFiniteError,
+    TaskLosses,
+    check_finite_values,
+    loss_values,
+    prepare_losses,
+)
 from .weighting import resolve
 from .weighting.base import Weighting
 from .weighting.baselines import Mean
@@ -42,7 +49,9 @@ _HOOK_DICTS = (
 )
 
 
-_UNPICKLED = frozenset({*_HOOK_DICTS, "step", "_opt_called", "_step_stats_hooks"})
+_UNPICKLED = frozenset(
+    {*_HOOK_DICTS, "step", "_opt_called", "_step_stats_hooks", "_process_group"}
+)
 
 
 class MultiTaskOptimizer(Optimizer):
@@ -72,6 +81,11 @@ class MultiTaskOptimizer(Optimizer):
         nonfinite: what a nan or inf in the losses or per-task gradients does: ``"raise"``
             a ``FloatingPointError`` (default) or ``"skip"`` the step (counted in
             ``skipped_steps``); either way no parameter, gradient or state moves.
+        distributed: average loss values and per-task gradients across ranks before the
+            weightings run, so every rank computes the global Jacobian's update: ``None``
+            (default) does so when torch.distributed is initialised with several ranks,
+            ``False`` never, a ProcessGroup over that group. Every rank must pass the same
+            number of losses and build its weightings with the same seeds.
     """
 
     def __init__(
@@ -82,6 +96,7 @@ class MultiTaskOptimizer(Optimizer):
         chunk_size: int | None = None,
         jacobian: str = "auto",
         nonfinite: str = "raise",
+        distributed: Any = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer) or isinstance(optimizer, MultiTaskOptimizer):
             raise TypeError(
@@ -92,6 +107,7 @@ class MultiTaskOptimizer(Optimizer):
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite: expected 'raise' or 'skip', got {nonfinite!r}")
         self.nonfinite = nonfinite
+        self._process_group = resolve_process_group(distributed)
         #: Steps skipped because of nan/inf values (``nonfinite="skip"`` or a GradScaler).
         self.skipped_steps = 0
         self._skip_pending = False
@@ -146,6 +162,7 @@ class MultiTaskOptimizer(Optimizer):
         for name in _HOOK_DICTS:
             self.__dict__.setdefault(name, OrderedDict())
         self.__dict__.setdefault("_step_stats_hooks", OrderedDict())
+        self.__dict__.setdefault("_process_group", resolve_process_group(None))
         self._patch_step_function()
 
     def __repr__(self) -> str:
@@ -263,9 +280,13 @@ class MultiTaskOptimizer(Optimizer):
         parameter, gradient or state changes.
         """
         scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        task_losses = prepare_losses(losses, check_finite=False)
+        extra = [prepare_losses(batch, check_finite=False) for batch in extra_batches]
+        # Averaged first, so that every rank takes the same decision below.
+        average_([t.values for t in (task_losses, *extra)], self._process_group)
         try:
-            task_losses = prepare_losses(losses)
-            extra = [prepare_losses(batch) for batch in extra_batches]
+            for batch in (task_losses, *extra):
+                check_finite_values(batch.values)
         except NonFiniteError as error:
             return self._skip_non_finite(error, scaler)
         groups = [(i, g) for i, g in enumerate(self.param_groups) if not _is_internal(g)]
@@ -283,6 +304,10 @@ class MultiTaskOptimizer(Optimizer):
             jacobian = per_task_gradients(self._engine, task_losses, plans, retain_graph)
             extra_jacobians = [extra_batch_gradients(self._engine, b, plans) for b in extra]
         with torch.no_grad():
+            average_(
+                [b for jac in (jacobian, *extra_jacobians) for bs in jac for b in bs if b is not None],
+                self._process_group,
+            )
             bad = nonfinite_rows([jacobian, *extra_jacobians])
             if bad:
                 what = f"task(s) {bad}" if needs_per_task(plans) else "the loss-weighted gradient"
