@@ -203,6 +203,15 @@ class MultiTaskOptimizer(Optimizer):
                 )
             seen[id(weighting)] = index
             self._register_learnable(weighting)
+            if weighting.expects_plain_sgd and not _is_plain_sgd(self.optimizer, group):
+                warnings.warn(
+                    f"param_groups[{index}]: {weighting!r} writes a finished (Adam-like) step "
+                    f"direction; wrap torch.optim.SGD without momentum, dampening or nesterov, "
+                    f"not {type(self.optimizer).__name__} with these options, or the base "
+                    "optimizer adapts the step a second time",
+                    UserWarning,
+                    stacklevel=3,
+                )
 
     def _register_learnable(self, weighting: Weighting) -> None:
         known = {id(p) for g in self.param_groups for p in g["params"]}
@@ -489,6 +498,15 @@ class MultiTaskOptimizer(Optimizer):
                 group["weighting"] = next(internal)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+
+def _is_plain_sgd(optimizer: Optimizer, group: dict[str, Any]) -> bool:
+    return (
+        type(optimizer) is torch.optim.SGD
+        and not group.get("momentum", 0)
+        and not group.get("dampening", 0)
+        and not group.get("nesterov", False)
+    )
 
 
 def _is_internal(group: dict[str, Any]) -> bool:

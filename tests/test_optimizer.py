@@ -375,3 +375,23 @@ def test_step_stats_hook_sees_weights_norms_and_cosines() -> None:
     torch.testing.assert_close(stats.cosines[0, 1], cos01, rtol=1e-5, atol=1e-6)
     assert stats.weights.shape == (3,)
     assert seen[0][1].gramian is None  # the heads group reads no Gramian
+
+
+@pytest.mark.parametrize(
+    ("make_base", "warns"),
+    [
+        (lambda p: torch.optim.SGD(p, lr=0.1), False),
+        (lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=1e-2), False),
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), True),
+        (lambda p: torch.optim.Adam(p, lr=0.1), True),
+    ],
+)
+def test_adatask_warns_unless_base_is_plain_sgd(make_base, warns: bool) -> None:  # noqa: ANN001
+    import warnings
+
+    from mtlopt.weighting.adatask import AdaTask
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        MultiTaskOptimizer(make_base(Net().parameters()), weighting=AdaTask())
+    assert any("finished (Adam-like) step" in str(w.message) for w in caught) == warns

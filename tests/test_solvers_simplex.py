@@ -61,3 +61,12 @@ def test_batched_rows_match_single_calls() -> None:
 def test_known_projections(point: list[float], expected: list[float]) -> None:
     result = project_simplex(torch.tensor(point, dtype=torch.float64))
     torch.testing.assert_close(result, torch.tensor(expected, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("magnitude", [1e11, 1e20, -1e20])
+def test_huge_inputs_stay_on_the_simplex(magnitude: float) -> None:
+    point = torch.tensor([magnitude, magnitude, magnitude * (1 - 1e-3)], dtype=torch.float64)
+    result = project_simplex(point)
+    assert result.sum().item() == pytest.approx(1.0, abs=1e-12)
+    expected = [0.5, 0.5, 0.0] if magnitude > 0 else [0.0, 0.0, 1.0]
+    torch.testing.assert_close(result, torch.tensor(expected, dtype=torch.float64))

@@ -16,6 +16,9 @@ def project_simplex(points: Tensor, total: float = 1.0) -> Tensor:
     """
     squeeze = points.dim() == 1
     rows = points.unsqueeze(0) if squeeze else points
+    # Shifting every entry by the same amount does not change the projection; measuring from
+    # the largest entry keeps the cumulative sums exact for huge inputs.
+    rows = rows - rows.amax(-1, keepdim=True)
     m = rows.shape[-1]
     ordered = rows.sort(dim=-1, descending=True).values
     cumulative = ordered.cumsum(-1) - total

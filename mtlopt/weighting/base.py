@@ -44,6 +44,9 @@ class Weighting:
     aggregates_task_heads: ClassVar[bool] = False
     #: Whether :meth:`observe` wants the closure's losses re-evaluated after the base step.
     wants_losses_after_step: ClassVar[bool] = False
+    #: The weighting writes a finished step direction (AdaTask): the base optimizer should be
+    #: plain SGD (no momentum), which only applies the group's lr and weight decay.
+    expects_plain_sgd: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -175,6 +178,24 @@ def check_positive(name: str, value: float) -> float:
     if not (value > 0 and value < float("inf")):
         raise ValueError(f"{name}: expected a positive finite number, got {value!r}")
     return float(value)
+
+
+def check_non_negative(name: str, value: float) -> float:
+    """Validate a non-negative finite hyperparameter and return it as float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a non-negative number, got {type(value).__name__}")
+    if not 0.0 <= value < float("inf"):
+        raise ValueError(f"{name}: expected a non-negative finite number, got {value!r}")
+    return float(value)
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """Validate a positive integer hyperparameter."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected a positive int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value}")
+    return value
 
 
 def check_unit_interval(name: str, value: float) -> float:
