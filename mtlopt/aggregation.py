@@ -31,10 +31,11 @@ class GroupPlan:
 
         A parameter reached by several losses is shared; a parameter reached by one loss (a
         task head) gets that task's gradient, times its loss weight if the weighting has one;
-        an unreached parameter gets nothing. Loss-only groups have no per-task blocks.
+        an unreached parameter gets nothing. On the loss-only path (``row`` set) there are
+        no per-task blocks to sort.
         """
         self.shared, self.head_updates = [], []
-        if self.weighting.needs == "losses":
+        if self.row is not None:
             return
         keep_heads = self.weighting.aggregates_task_heads
         for position, (param, block, mask) in enumerate(zip(self.params, jacobian, self.masks)):

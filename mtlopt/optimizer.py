@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 from . import checkpoint
 from .aggregation import GroupPlan, GroupResult
 from .distributed import average_, resolve_process_group
+from .features import check_features, representation_backward
 from .gradients import (
     aggregate,
     build_plans,
@@ -232,6 +233,8 @@ class MultiTaskOptimizer(Optimizer):
         self,
         losses: Sequence[Tensor] | Tensor | Callable[[], Any] | None = None,
         closure: Callable[[], Any] | None = None,
+        *,
+        features: Tensor | None = None,
     ) -> Any:
         """Compute and write the multi-task gradients of ``losses``, then step the base optimizer.
 
@@ -239,7 +242,8 @@ class MultiTaskOptimizer(Optimizer):
         losses, the base optimizer steps on the ``.grad`` already there (after
         :meth:`backward`). ``closure``: a callable that draws a batch, recomputes and returns
         the losses (it must not call backward itself); it may also be passed as the first
-        argument. Weightings that read several mini-batches per step (SDMGrad, MoDo) call it
+        argument. ``features``: the shared representation, for representation mode (see
+        :meth:`backward`). Weightings that read several mini-batches per step (SDMGrad, MoDo) call it
         once per batch; weightings that learn from the loss decrease (FAMO) call it once more
         after the base step, under ``torch.no_grad()``. Returns the first closure result.
         """
@@ -254,7 +258,7 @@ class MultiTaskOptimizer(Optimizer):
                 extra = [closure() for _ in range(self._n_batches() - 1)]
             committed = self.backward(result, extra_batches=extra)
         elif losses is not None:
-            committed = self.backward(losses)
+            committed = self.backward(losses, features=features)
         else:
             committed = not self._skip_pending
         self._skip_pending = False
@@ -272,6 +276,7 @@ class MultiTaskOptimizer(Optimizer):
         *,
         extra_batches: Sequence[Sequence[Tensor] | Tensor] = (),
         scaler: torch.amp.GradScaler | None = None,
+        features: Tensor | None = None,
     ) -> bool:
         """Write the multi-task gradients of ``losses`` into ``.grad`` without stepping.
 
@@ -283,6 +288,12 @@ class MultiTaskOptimizer(Optimizer):
         ``scaler.unscale_(opt)``, ``scaler.step(opt)`` and ``scaler.update()`` work as usual;
         on overflow it leaves every weighting's state alone and marks ``.grad`` so that the
         scaler skips the step and lowers its scale.
+
+        ``features``: the shared representation ``z`` (the encoder's output that every task
+        head reads). The weightings then run on the per-task gradients with respect to ``z``
+        (MGDA-UB's idea), and one ordinary backward pass carries the result through the
+        encoder: a step costs about one plain backward whatever the number of tasks. Suits
+        weightings that read the Gramian or the losses.
 
         Returns True if gradients were written, False if the step was skipped (non-finite
         values under ``nonfinite="skip"`` or a scaler). Bad input raises before any
@@ -301,6 +312,8 @@ class MultiTaskOptimizer(Optimizer):
         groups = [(i, g) for i, g in enumerate(self.param_groups) if not _is_internal(g)]
         plans = build_plans(groups, task_losses)
         check_batches(plans, task_losses, extra)
+        if features is not None:
+            return self._representation_backward(task_losses, plans, features, scaler, retain_graph)
         scale = None
         if scaler is not None:
             # The scale as a tensor (no host synchronisation), applied in the graph.
@@ -343,6 +356,31 @@ class MultiTaskOptimizer(Optimizer):
                 for k, plan in enumerate(plans)
             }
             self._commit(plans, results, task_losses, scale, unscale)
+        self._skip_pending = False
+        return True
+
+    def _representation_backward(
+        self,
+        task_losses: TaskLosses,
+        plans: list[GroupPlan],
+        features: Tensor,
+        scaler: torch.amp.GradScaler | None,
+        retain_graph: bool,
+    ) -> bool:
+        check_features(features, plans)
+        if scaler is not None or self._process_group is not None:
+            raise ValueError(
+                "features: representation mode does not support a GradScaler or "
+                "torch.distributed yet; pass the losses alone"
+            )
+        try:
+            results = representation_backward(
+                self._engine, task_losses, plans, features, retain_graph
+            )
+        except NonFiniteError as error:
+            return self._skip_non_finite(error, None)
+        with torch.no_grad():
+            self._commit(plans, results, task_losses, None, False)
         self._skip_pending = False
         return True
 

@@ -7,11 +7,22 @@ Anywhere a weighting is accepted, its name works too (``"gradvac"``, ``"IMTL-G"`
 
 from __future__ import annotations
 
+from .adatask import AdaTask
 from .base import REGISTRY, Weighting
 from .baselines import Mean, Sum
+from .dbmtl import DBMTL
+from .double_sampling import MoDo, SDMGrad
 from .excess_mtl import ExcessMTL
+from .famo import FAMO
+from .gradnorm import GradNorm
 from .gradvac import GradVac
 from .imtl import IMTL, IMTLG, IMTLL
+from .loss_balancing import DWA, GLS, STCH, Constant, Random
+from .moco import MoCo
+from .uncertainty import UW
+
+#: Other names users know the methods by (LibMTL's and the papers').
+ALIASES = {"ew": "Mean", "equal": "Mean", "rlw": "Random", "uncertainty": "UW", "dbmtl": "DBMTL"}
 
 
 def _key(name: str) -> str:
@@ -23,8 +34,9 @@ def weighting_class(name: str) -> type[Weighting]:
     if not isinstance(name, str):
         raise TypeError(f"weighting: expected a name (str), got {type(name).__name__}")
     by_key = {_key(cls_name): cls for cls_name, cls in REGISTRY.items()}
+    key = _key(name)
     try:
-        return by_key[_key(name)]
+        return by_key[_key(ALIASES.get(key, key))]
     except KeyError:
         raise ValueError(
             f"weighting: unknown weighting {name!r}; known: {sorted(REGISTRY)}"
@@ -58,12 +70,25 @@ def available() -> dict[str, dict[str, object]]:
 
 
 __all__ = [
-    "ExcessMTL",
-    "GradVac",
+    "DBMTL",
+    "DWA",
+    "FAMO",
+    "GLS",
     "IMTL",
     "IMTLG",
     "IMTLL",
+    "STCH",
+    "UW",
+    "AdaTask",
+    "Constant",
+    "ExcessMTL",
+    "GradNorm",
+    "GradVac",
     "Mean",
+    "MoCo",
+    "MoDo",
+    "Random",
+    "SDMGrad",
     "Sum",
     "Weighting",
     "available",
