@@ -47,7 +47,9 @@ class GroupPlan:
             elif self.loss_weights is None:
                 self.head_updates.append((param, block[task].clone()))
             else:
-                self.head_updates.append((param, block[task] * self.loss_weights[task].to(block.dtype)))
+                self.head_updates.append(
+                    (param, block[task] * self.loss_weights[task].to(block.dtype))
+                )
 
 
 @dataclass
@@ -128,7 +130,9 @@ def aggregate_cross_batch(
         first = [_scaled(plan, block) for _, block in plan.shared]
         batches = [first] + [
             [
-                torch.zeros_like(block) if blocks[position] is None else _scaled(plan, blocks[position])
+                torch.zeros_like(block)
+                if blocks[position] is None
+                else _scaled(plan, blocks[position])
                 for (position, _), block in zip(plan.shared, first)
             ]
             for blocks in extra

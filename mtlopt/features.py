@@ -31,7 +31,9 @@ from .weighting.base import combine
 def check_features(features: object, plans: list[GroupPlan]) -> Tensor:
     """Validate ``features`` and the groups' weightings for representation mode."""
     if not isinstance(features, Tensor):
-        raise TypeError(f"features: expected a tensor (the shared representation), got {type(features).__name__}")
+        raise TypeError(
+            f"features: expected a tensor (the shared representation), got {type(features).__name__}"
+        )
     if features.grad_fn is None:
         raise ValueError(
             "features: expected the shared representation computed by the model, with its "
@@ -90,10 +92,17 @@ def representation_backward(
             assert scale is not None, f"{plan.weighting!r} returned no loss weights"
             weights, product = scale, None
         else:
-            scaled = z_jacobian if scale is None else z_jacobian * scale.to(z_jacobian.dtype).reshape(-1, *[1] * (z_jacobian.dim() - 1))
+            scaled = (
+                z_jacobian
+                if scale is None
+                else z_jacobian
+                * scale.to(z_jacobian.dtype).reshape(-1, *[1] * (z_jacobian.dim() - 1))
+            )
             product = gramian([scaled])
             weights = plan.weighting.weights_from_gramian(product, task_losses.values)
-        applied = weights if (scale is None or plan.weighting.needs == "losses") else weights * scale
+        applied = (
+            weights if (scale is None or plan.weighting.needs == "losses") else weights * scale
+        )
         updates = list(plan.head_updates)
         updates.extend((plan.params[k], combine(applied, block)) for k, block in plan.shared)
         results[plan.index] = GroupResult(updates=updates, weights=weights, gramian=product)

@@ -26,7 +26,9 @@ from .weighting.base import Weighting
 Jacobian = list[list[Tensor | None]]  #: per group, per parameter: a block or None
 
 
-def build_plans(groups: list[tuple[int, dict[str, Any]]], task_losses: TaskLosses) -> list[GroupPlan]:
+def build_plans(
+    groups: list[tuple[int, dict[str, Any]]], task_losses: TaskLosses
+) -> list[GroupPlan]:
     """One plan per aggregation group (index, group dict); raises before any state moves."""
     plans = []
     for index, group in groups:

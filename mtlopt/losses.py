@@ -41,7 +41,9 @@ def prepare_losses(losses: object, check_finite: bool = True) -> TaskLosses:
         _check_one(f"losses[{index}]", loss)
     devices = {loss.device for loss in losses}
     if len(devices) > 1:
-        raise ValueError(f"losses: expected all losses on one device, got {sorted(map(str, devices))}")
+        raise ValueError(
+            f"losses: expected all losses on one device, got {sorted(map(str, devices))}"
+        )
     with torch.enable_grad():
         output = torch.stack([loss.reshape(()) for loss in losses])
     return _from_tensor(output, check_finite)

@@ -50,9 +50,7 @@ _HOOK_DICTS = (
 )
 
 
-_UNPICKLED = frozenset(
-    {*_HOOK_DICTS, "step", "_opt_called", "_step_stats_hooks", "_process_group"}
-)
+_UNPICKLED = frozenset({*_HOOK_DICTS, "step", "_opt_called", "_step_stats_hooks", "_process_group"})
 
 
 class MultiTaskOptimizer(Optimizer):
@@ -167,7 +165,9 @@ class MultiTaskOptimizer(Optimizer):
         self._patch_step_function()
 
     def __repr__(self) -> str:
-        lines = [f"{type(self).__name__}({type(self.optimizer).__name__}, weighting={self.weighting!r})"]
+        lines = [
+            f"{type(self).__name__}({type(self.optimizer).__name__}, weighting={self.weighting!r})"
+        ]
         for index, group in enumerate(self.param_groups):
             what = "loss scales" if _is_internal(group) else repr(group["weighting"])
             lines.append(f"  group {index}: {len(group['params'])} tensor(s), {what}")
@@ -327,7 +327,13 @@ class MultiTaskOptimizer(Optimizer):
             extra_jacobians = [extra_batch_gradients(self._engine, b, plans) for b in extra]
         with torch.no_grad():
             average_(
-                [b for jac in (jacobian, *extra_jacobians) for bs in jac for b in bs if b is not None],
+                [
+                    b
+                    for jac in (jacobian, *extra_jacobians)
+                    for bs in jac
+                    for b in bs
+                    if b is not None
+                ],
                 self._process_group,
             )
             bad = nonfinite_rows([jacobian, *extra_jacobians])

@@ -17,6 +17,8 @@ from mtlopt.weighting.base import REGISTRY
 from .conftest import Net, assert_same, make_batch, make_optimizer
 from .method_kit import FACTORIES, FIXED_TASKS
 
+pytestmark = pytest.mark.filterwarnings("ignore:.*finished \\(Adam-like\\) step")
+
 STATEFUL = sorted(name for name, cls in REGISTRY.items() if cls.stateful and name in FACTORIES)
 
 

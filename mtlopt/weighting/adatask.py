@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..reachability import single_task
-from .base import Weighting, check_positive, copy_tensor_state
+from .base import Weighting, check_positive, copy_tensor_state, follow_blocks
 
 
 def _check_betas(betas: object) -> tuple[float, float]:
@@ -89,7 +89,7 @@ class AdaTask(Weighting):
     def _prepare(
         self, jacobian: list[Tensor], masks: list[int]
     ) -> tuple[list[Tensor], list[Tensor]]:
-        m, device = jacobian[0].shape[0], jacobian[0].device
+        m = jacobian[0].shape[0]
         if self.exp_avg is None or self.exp_avg_sq is None:
             self.n_tasks = m
             rows = [1 if single_task(mask) is not None else m for mask in masks]
@@ -112,9 +112,8 @@ class AdaTask(Weighting):
                     f"at the first step and is now reached by several (task mask {mask:#b}); "
                     "its per-task moments do not exist. Keep each tensor's role fixed"
                 )
-        if self.exp_avg[0].device != device:
-            self.exp_avg = [moment.to(device) for moment in self.exp_avg]
-            self.exp_avg_sq = [moment.to(device) for moment in self.exp_avg_sq]
+        self.exp_avg = follow_blocks(self.exp_avg, jacobian)
+        self.exp_avg_sq = follow_blocks(self.exp_avg_sq, jacobian)
         return self.exp_avg, self.exp_avg_sq
 
     def update_from_jacobian(

@@ -219,6 +219,17 @@ def copy_tensor_state(target: Tensor | None, source: Any, name: str) -> Tensor:
     return source.detach().clone()
 
 
+def follow_blocks(states: list[Tensor], blocks: list[Tensor]) -> list[Tensor]:
+    """Per-tensor state moved to its block's device and dtype where they differ (after the
+    model moved, or a checkpoint was loaded into a model of another dtype)."""
+    return [
+        state
+        if state.device == block.device and state.dtype == block.dtype
+        else state.to(device=block.device, dtype=block.dtype)
+        for state, block in zip(states, blocks)
+    ]
+
+
 def to_float64(values: Tensor) -> Tensor:
     """Cast to float64 on the same device (the small m x m problems are solved in float64)."""
     return values.detach().to(torch.float64)

@@ -16,7 +16,13 @@ from torch import Tensor
 
 from ..solvers.simplex import project_simplex
 from ._rng import derived_generator, generator_state, new_generator, set_generator_state
-from .base import Weighting, check_non_negative, check_positive, check_positive_int, copy_tensor_state
+from .base import (
+    Weighting,
+    check_non_negative,
+    check_positive,
+    check_positive_int,
+    copy_tensor_state,
+)
 
 _ZETA, _XI1, _XI2 = 0, 1, 2
 

@@ -8,7 +8,14 @@ import torch
 from torch import Tensor
 
 from ..solvers.simplex import project_simplex
-from .base import Weighting, check_non_negative, check_positive, check_positive_int, combine, copy_tensor_state
+from .base import (
+    Weighting,
+    check_non_negative,
+    check_positive,
+    combine,
+    copy_tensor_state,
+    follow_blocks,
+)
 
 _NORMALIZATIONS = ("loss", "none")
 _NORM_EPS = 1e-8  # added to the gradient norm before the loss normalisation (LibMTL)
@@ -118,9 +125,8 @@ class MoCo(Weighting):
                 f"got per-task gradients of shapes {shapes}; the group's shared parameters must "
                 "stay the same across steps"
             )
-        if self.tracked[0].device != device:
-            self.tracked = [y.to(device) for y in self.tracked]
-            self.lambd = self.lambd.to(device)
+        self.tracked = follow_blocks(self.tracked, jacobian)
+        self.lambd = self.lambd.to(device)
         return self.tracked, self.lambd
 
     def _task_scales(self, jacobian: list[Tensor], losses: Tensor) -> Tensor | None:
