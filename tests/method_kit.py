@@ -33,8 +33,15 @@ FACTORIES["Constant"] = lambda: weighting_class("Constant")(weights=[1.0, 2.0, 0
 FACTORIES["Krum"] = lambda: weighting_class("Krum")(n_byzantine=1, n_selected=2)
 FACTORIES["TrimmedMean"] = lambda: weighting_class("TrimmedMean")(trim_number=1)
 
-#: Methods whose papers prove the update never conflicts with a task (J d >= 0).
-NON_CONFLICTING = {"UPGrad", "DualProj", "MGDA", "NashMTL", "FairGrad", "ConFIG"}
+#: Methods whose papers prove the update never conflicts with a task (J d >= 0), built as the
+#: guarantee needs: torchjd's default ridge (reg_eps) on UPGrad and DualProj weakens it to
+#: g_i.d >= -reg_eps trace(G) w_i (tested in their own file).
+NON_CONFLICTING = {
+    name: FACTORIES.get(name, _build(name))
+    for name in ["MGDA", "NashMTL", "FairGrad", "ConFIG"]
+}
+NON_CONFLICTING["UPGrad"] = _build("UPGrad", reg_eps=0.0)
+NON_CONFLICTING["DualProj"] = _build("DualProj", reg_eps=0.0)
 #: Deterministic, order-free methods: permuting the tasks permutes nothing in the update.
 ORDER_FREE = {
     "AlignedMTL", "CAGrad", "ConFIG", "DualProj", "FairGrad", "GLS", "IMGrad", "IMTL", "IMTLG",

@@ -12,14 +12,17 @@ from .base import REGISTRY, Weighting
 from .baselines import Mean, Sum
 from .dbmtl import DBMTL
 from .double_sampling import MoDo, SDMGrad
+from .dualproj import DualProj
 from .excess_mtl import ExcessMTL
 from .famo import FAMO
 from .gradnorm import GradNorm
 from .gradvac import GradVac
 from .imtl import IMTL, IMTLG, IMTLL
 from .loss_balancing import DWA, GLS, STCH, Constant, Random
+from .mgda import MGDA
 from .moco import MoCo
 from .uncertainty import UW
+from .upgrad import UPGrad
 
 #: Other names users know the methods by (LibMTL's and the papers').
 ALIASES = {"ew": "Mean", "equal": "Mean", "rlw": "Random", "uncertainty": "UW", "dbmtl": "DBMTL"}
@@ -77,10 +80,12 @@ __all__ = [
     "IMTL",
     "IMTLG",
     "IMTLL",
+    "MGDA",
     "STCH",
     "UW",
     "AdaTask",
     "Constant",
+    "DualProj",
     "ExcessMTL",
     "GradNorm",
     "GradVac",
@@ -90,6 +95,7 @@ __all__ = [
     "Random",
     "SDMGrad",
     "Sum",
+    "UPGrad",
     "Weighting",
     "available",
     "resolve",

@@ -1,0 +1,268 @@
+"""The min-norm point of a convex hull: ``min_w w^T G w`` over the probability simplex.
+
+Also home of :func:`nonnegative_qp`, the small batched convex QP solver both this problem and
+the dual-cone projection (:mod:`mtlopt.solvers.dual_cone`) reduce to:
+``min 1/2 x^T Q x + c^T x`` over ``x >= 0`` (optionally with ``sum x = 1``).
+
+Two exact methods, both batched, float64 on the input's device, without host
+synchronisation (every branch is a ``torch.where``, every loop has a fixed length):
+
+* Few tasks (``batch * 2^m <= ENUMERATION_LIMIT``): enumerate every support. On each face the
+  optimality conditions are one small linear (KKT) system; all of them are solved in one
+  batched LU, and the feasible face minimiser with the lowest objective is the optimum (the
+  optimum's own face is among them, and every feasible candidate is an upper bound, so an
+  inaccurate solve on a singular face can never win by mistake).
+* More tasks: a primal-dual interior-point method (Mehrotra's predictor-corrector, Nocedal and
+  Wright, "Numerical Optimization", 2nd ed., Sec. 16.6) for a fixed number of iterations,
+  then one active-set "purification" step on the support it identified, kept when feasible
+  and no worse. It converges superlinearly (round-off in about 20 iterations on these
+  problems), unlike Frank-Wolfe, and is indifferent to rank deficiency: its Newton matrix
+  ``Q + diag(s / x)`` stays positive definite.
+
+Both are exact to round-off on well-posed problems and match scipy's generic solvers in the
+tests, for rank-deficient, duplicate, zero and opposite rows alike.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+#: Interior-point iterations; the duality gap shrinks by a factor of about 1e2 per iteration
+#: once the iterates are near the central path, so this reaches round-off on every test case.
+IPM_ITERATIONS = 25
+#: Largest number of face systems (batch size times 2^m) solved by enumeration.
+ENUMERATION_LIMIT = 2048
+#: Ridge on the support's diagonal of each face system (``Q`` is scaled to order one): keeps
+#: singular faces (duplicate or collinear rows) solvable, and moves regular ones by round-off.
+FACE_RIDGE = 1e-14
+
+
+def _max_step(values: Tensor, steps: Tensor) -> Tensor:
+    """Largest ``alpha`` in [0, 1] with ``values + alpha * steps >= 0`` (per batch row)."""
+    # -values / steps is negative or infinite where steps >= 0: those rows impose no limit.
+    ratios = -values / steps
+    ratios = torch.where(steps < 0, ratios, math.inf)
+    return ratios.amin(-1).clamp(max=1.0)
+
+
+class _NewtonSystem:
+    """The Newton system of one iteration, factorised once for both Mehrotra solves.
+
+    Solves ``H dx - 1 dlam = rhs``, ``1^T dx = -r_p`` (or ``H dx = rhs`` without the sum
+    constraint). ``H`` is symmetrically equilibrated to unit diagonal first: its diagonal spans
+    many orders of magnitude near the solution (``s_i / x_i`` tends to 0 or to infinity).
+    """
+
+    def __init__(
+        self,
+        x: Tensor,
+        s: Tensor,
+        hessian: Tensor,
+        dual_residual: Tensor,
+        primal_residual: Tensor | None,
+    ) -> None:
+        self.x, self.s, self.dual_residual = x, s, dual_residual
+        self.scale = hessian.diagonal(dim1=-2, dim2=-1).clamp(min=1e-300).rsqrt()
+        balanced = hessian * self.scale.unsqueeze(-1) * self.scale.unsqueeze(-2)
+        eye = torch.eye(hessian.shape[-1], dtype=hessian.dtype, device=hessian.device)
+        # A tiny ridge keeps LU away from exact singularity (duplicate rows, zero rows).
+        self.lu, self.pivots, _ = torch.linalg.lu_factor_ex(balanced + 1e-15 * eye)
+        self.primal_residual = primal_residual
+        if primal_residual is not None:
+            self.h_ones = self._solve(torch.ones_like(self.scale))
+            self.ones_h_ones = self.h_ones.sum(-1).clamp(min=1e-300)
+
+    def _solve(self, rhs: Tensor) -> Tensor:
+        """``H^{-1} rhs`` through the equilibrated factorisation."""
+        solved = torch.linalg.lu_solve(self.lu, self.pivots, (self.scale * rhs).unsqueeze(-1))
+        return self.scale * solved.squeeze(-1)
+
+    def solve(self, rhs: Tensor) -> tuple[Tensor, Tensor | None]:
+        h_rhs = self._solve(rhs)
+        if self.primal_residual is None:
+            return h_rhs, None
+        d_lambda = (-self.primal_residual - h_rhs.sum(-1)) / self.ones_h_ones
+        return h_rhs + d_lambda.unsqueeze(-1) * self.h_ones, d_lambda
+
+    def direction(self, complementarity: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """The step ``(dx, dlam, ds)`` that drives ``x * s`` towards ``x * s - complementarity``.
+
+        (``ds`` is eliminated through the linearised complementarity ``s dx + x ds = -r_c``.)
+        """
+        x, s = self.x, self.s
+        dx, dlam = self.solve(-self.dual_residual - complementarity / x)
+        ds = (-complementarity - s * dx) / x
+        return dx, dlam, ds
+
+
+def _interior_point(quadratic: Tensor, linear: Tensor, on_simplex: bool) -> tuple[Tensor, Tensor]:
+    """Mehrotra predictor-corrector for ``min 1/2 x^T Q x + c^T x``, ``x >= 0`` [, ``1^T x = 1``].
+
+    ``quadratic`` is ``[m, m]``, ``linear`` is ``[b, m]``; returns ``x`` and the bound
+    multipliers ``s`` (both ``[b, m]``).
+    """
+    batch, m = linear.shape
+    x = torch.full_like(linear, 1.0 / m if on_simplex else 1.0)
+    s = torch.ones_like(linear)
+    lam = torch.zeros(batch, dtype=linear.dtype, device=linear.device)
+    for _ in range(IPM_ITERATIONS):
+        dual_residual = x @ quadratic + linear - s
+        primal_residual = None
+        if on_simplex:
+            dual_residual = dual_residual - lam.unsqueeze(-1)
+            primal_residual = x.sum(-1) - 1.0
+        mu = (x * s).mean(-1, keepdim=True)
+        # Converged to round-off (the problem is scaled to order one): stop moving, or the
+        # inactive x_i would keep shrinking towards subnormal numbers (slow and useless).
+        converged = (mu < 1e-20) & (dual_residual.abs().amax(-1, keepdim=True) < 1e-13)
+        if primal_residual is not None:
+            converged = converged & (primal_residual.abs().unsqueeze(-1) < 1e-13)
+        hessian = quadratic + torch.diag_embed(s / x)
+        system = _NewtonSystem(x, s, hessian, dual_residual, primal_residual)
+        dx_aff, _, ds_aff = system.direction(x * s)
+        alpha_p = _max_step(x, dx_aff).unsqueeze(-1)
+        alpha_d = _max_step(s, ds_aff).unsqueeze(-1)
+        mu_aff = ((x + alpha_p * dx_aff) * (s + alpha_d * ds_aff)).mean(-1, keepdim=True)
+        sigma = (mu_aff / mu.clamp(min=1e-300)).clamp(0.0, 1.0) ** 3
+        dx, dlam, ds = system.direction(x * s + dx_aff * ds_aff - sigma * mu)
+        # Fraction to the boundary, tending to 1 as the gap closes (superlinear finish).
+        tau = torch.clamp(1.0 - mu, min=0.9, max=1.0 - 1e-12)
+        alpha_p = (tau * _max_step(x, dx).unsqueeze(-1)).clamp(max=1.0)
+        alpha_d = (tau * _max_step(s, ds).unsqueeze(-1)).clamp(max=1.0)
+        new_x = x + alpha_p * dx
+        new_s = s + alpha_d * ds
+        # Once converged to round-off the Newton system degenerates: freeze the iterate.
+        # (NaN fails both comparisons; an infinite entry makes x * s infinite or NaN.)
+        ok = ~converged & ((new_x > 0) & (new_s > 0) & (new_x * new_s < math.inf)).all(
+            -1, keepdim=True
+        )
+        x = torch.where(ok, new_x, x)
+        s = torch.where(ok, new_s, s)
+        if on_simplex:
+            assert dlam is not None
+            lam = torch.where(ok.squeeze(-1), lam + alpha_d.squeeze(-1) * dlam, lam)
+    return x, s
+
+
+def _face_minimisers(
+    quadratic: Tensor, linear_columns: Tensor, support: Tensor, on_simplex: bool
+) -> Tensor:
+    """Minimisers of the QP on the faces ``{x_i = 0 off the support}`` (bounds dropped).
+
+    ``support`` is ``[p, m]`` (one face per system), ``linear_columns`` is ``[p, m, r]`` (``r``
+    linear terms per face). Returns ``[p, m, r]``, zero off each support. On the support the
+    conditions are ``Q_SS x_S + c_S (- lam 1) = 0`` (``, 1^T x_S = 1``); off it, a unit row
+    pins ``x_i = 0``. LU without error checks: a singular face yields non-finite or useless
+    values, which the callers' feasibility and objective tests reject.
+    """
+    p, m = support.shape
+    both = support.unsqueeze(-1) & support.unsqueeze(-2)
+    pin = torch.diag_embed(torch.where(support, FACE_RIDGE, 1.0))
+    block = torch.where(both, quadratic, 0.0) + pin
+    rhs = torch.where(support.unsqueeze(-1), -linear_columns, 0.0)
+    if on_simplex:
+        border = support.to(quadratic.dtype)
+        corner = torch.zeros(p, 1, dtype=quadratic.dtype, device=quadratic.device)
+        top = torch.cat([block, border.unsqueeze(-1)], dim=-1)
+        block = torch.cat([top, torch.cat([border, corner], -1).unsqueeze(-2)], dim=-2)
+        ones = torch.ones(p, 1, rhs.shape[-1], dtype=rhs.dtype, device=rhs.device)
+        rhs = torch.cat([rhs, ones], dim=-2)
+    lu, pivots, _ = torch.linalg.lu_factor_ex(block)
+    solution = torch.linalg.lu_solve(lu, pivots, rhs)[:, :m]
+    return torch.where(support.unsqueeze(-1), solution, 0.0)
+
+
+def _objective(quadratic: Tensor, linear: Tensor, x: Tensor) -> Tensor:
+    return 0.5 * ((x @ quadratic) * x).sum(-1) + (linear * x).sum(-1)
+
+
+def _feasible(x: Tensor, on_simplex: bool) -> tuple[Tensor, Tensor]:
+    """Whether each candidate is feasible, and the candidates with their sums made exact."""
+    feasible = (x >= 0).all(-1) & torch.isfinite(x).all(-1)
+    if on_simplex:
+        total = x.sum(-1, keepdim=True)
+        feasible = feasible & ((total.squeeze(-1) - 1.0).abs() < 1e-9)
+        x = x / torch.where(feasible.unsqueeze(-1), total, 1.0)
+    return feasible, x
+
+
+def _enumerate_faces(quadratic: Tensor, linear: Tensor, on_simplex: bool) -> Tensor:
+    """The exact optimum by trying every support (``2^m`` faces, all in one batched LU)."""
+    batch, m = linear.shape
+    device = linear.device
+    codes = torch.arange(1 if on_simplex else 0, 2**m, device=device)
+    bits = 2 ** torch.arange(m, device=device)
+    support = (codes.unsqueeze(-1) & bits) != 0  # [faces, m]; the empty face is x = 0
+    columns = linear.T.unsqueeze(0).expand(support.shape[0], m, batch)
+    candidates = _face_minimisers(quadratic, columns, support, on_simplex).permute(2, 0, 1)
+    feasible, candidates = _feasible(candidates, on_simplex)
+    objective = _objective(quadratic, linear.unsqueeze(1), candidates)
+    # Every feasible candidate bounds the optimum from above; the optimum's face attains it.
+    objective = torch.where(feasible, objective, math.inf)
+    best = objective.argmin(-1).reshape(batch, 1, 1).expand(batch, 1, m)
+    return candidates.gather(1, best).squeeze(1)
+
+
+def _purify(quadratic: Tensor, linear: Tensor, x: Tensor, s: Tensor, on_simplex: bool) -> Tensor:
+    """One active-set step on the support ``{x_i > s_i}``; kept where feasible and no worse.
+
+    This turns the interior point's ``1e-15``-sized entries into exact zeros.
+    """
+    support = x > s
+    candidate = _face_minimisers(quadratic, linear.unsqueeze(-1), support, on_simplex)
+    feasible, candidate = _feasible(candidate.squeeze(-1), on_simplex)
+    if on_simplex:
+        x = x / x.sum(-1, keepdim=True)
+    # An inexact solve could still be "feasible" yet worse: compare objectives too.
+    current = _objective(quadratic, linear, x)
+    slack = 1e-15 * (1.0 + current.abs())
+    better = _objective(quadratic, linear, candidate) <= current + slack
+    return torch.where((feasible & better).unsqueeze(-1), candidate, x)
+
+
+def nonnegative_qp(quadratic: Tensor, linear: Tensor, on_simplex: bool = False) -> Tensor:
+    """Minimise ``1/2 x^T Q x + c^T x`` over ``x >= 0`` (and ``sum x = 1`` if ``on_simplex``).
+
+    ``quadratic`` is a symmetric positive semi-definite ``[m, m]`` matrix, ``linear`` a ``[m]``
+    vector or a ``[b, m]`` batch of them (one problem per row, same ``Q``). Both should be
+    scaled to order one by the caller. Float64 in, float64 out, no host synchronisation.
+    Enumerates the faces when ``b * 2^m <= ENUMERATION_LIMIT``, else runs the interior point.
+    """
+    squeeze = linear.dim() == 1
+    rows = linear.unsqueeze(0) if squeeze else linear
+    quadratic = 0.5 * (quadratic + quadratic.transpose(-1, -2))
+    if rows.shape[0] * 2 ** rows.shape[1] <= ENUMERATION_LIMIT:
+        x = _enumerate_faces(quadratic, rows, on_simplex)
+    else:
+        x, s = _interior_point(quadratic, rows, on_simplex)
+        x = _purify(quadratic, rows, x, s, on_simplex)
+    return x.squeeze(0) if squeeze else x
+
+
+def min_norm_weights(gramian: Tensor) -> Tensor:
+    """The weights of the min-norm point of the convex hull of the rows of ``J``.
+
+    Returns ``w`` minimising ``w^T G w`` over ``{w >= 0, sum w = 1}`` for the Gramian
+    ``G = J J^T`` (float64 ``[m]`` on ``G``'s device). The problem is scale-free, so ``G`` is
+    divided by its largest diagonal entry first; any scale from 1e-10 to 1e15 gives the same
+    weights. An all-zero ``G`` (every gradient zero) returns the uniform weights. Where the
+    minimiser is not unique (duplicate, collinear or zero rows) the weights returned are a
+    minimiser; the min-norm point ``w^T J`` itself is always unique.
+    """
+    if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1]:
+        raise ValueError(f"gramian: expected a square matrix, got shape {tuple(gramian.shape)}")
+    gramian = gramian.to(torch.float64)
+    m = gramian.shape[0]
+    if m == 1:
+        return torch.ones(1, dtype=torch.float64, device=gramian.device)
+    largest = gramian.diagonal().amax()
+    zero = largest <= 0
+    normalised = gramian / torch.where(zero, 1.0, largest)
+    weights = nonnegative_qp(
+        normalised, torch.zeros(m, dtype=torch.float64, device=gramian.device), True
+    )
+    uniform = torch.full_like(weights, 1.0 / m)
+    return torch.where(zero, uniform, weights)
