@@ -7,6 +7,8 @@ Anywhere a weighting is accepted, its name works too (``"gradvac"``, ``"IMTL-G"`
 
 from __future__ import annotations
 
+import inspect
+
 from .adatask import AdaTask
 from .base import REGISTRY, Weighting
 from .baselines import Mean, Sum
@@ -59,16 +61,27 @@ def resolve(weighting: Weighting | str | None, argument: str = "weighting") -> W
 
 
 def available() -> dict[str, dict[str, object]]:
-    """Every weighting by name, with what it needs, whether it is stateful and how many
-    mini-batches a step reads."""
+    """Every weighting by name, with what it needs (losses, Gramian, per-task gradients),
+    whether it is stateful, how many mini-batches a step reads, its constructor defaults
+    and the first line of its docstring."""
     return {
         name: {
             "needs": cls.needs,
             "stateful": cls.stateful,
             "n_batches": cls.n_batches,
+            "defaults": _defaults(cls),
             "summary": (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "",
         }
         for name, cls in sorted(REGISTRY.items())
+    }
+
+
+def _defaults(cls: type[Weighting]) -> dict[str, object]:
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    return {
+        p.name: (None if p.default is inspect.Parameter.empty else p.default)
+        for p in parameters
+        if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     }
 
 
