@@ -60,9 +60,7 @@ class JacobianEngine:
         spares a graph walk when the caller knows it already.
         """
         if rows.shape[0] == 1:
-            grads = torch.autograd.grad(
-                output, inputs, rows[0], retain_graph=retain_graph, allow_unused=True
-            )
+            grads = _grad(output, inputs, rows[0], retain_graph, allow_unused=True)
             return [None if g is None else g.unsqueeze(0) for g in grads]
         # vmap cannot return None, so unreached inputs are left out of the batched call.
         if reached is None:
@@ -83,6 +81,8 @@ class JacobianEngine:
         try:
             blocks = _batched_vjp(output, inputs, rows, self.chunk_size, keep)
         except Exception as error:  # vmap lacks a rule for some op of the graph
+            if _graph_freed(error):
+                raise RuntimeError(FREED_GRAPH) from error
             if self.mode == "batched":
                 raise
             blocks = _loop_vjp(output, inputs, rows, retain_graph)
@@ -96,6 +96,31 @@ class JacobianEngine:
             )
             return blocks
         return blocks
+
+
+FREED_GRAPH = (
+    "losses: their autograd graph was already freed by an earlier backward() or step(); "
+    "compute the losses again for this step (or keep the graph with retain_graph=True)"
+)
+
+
+def _grad(
+    output: Tensor, inputs: Sequence[Tensor], row: Tensor, retain: bool, **options: bool
+) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad`` with a clear message when the graph was already freed."""
+    try:
+        return torch.autograd.grad(output, inputs, row, retain_graph=retain, **options)
+    except RuntimeError as error:
+        if _graph_freed(error):
+            raise RuntimeError(FREED_GRAPH) from error
+        raise
+
+
+def _graph_freed(error: Exception) -> bool:
+    text = str(error)
+    return isinstance(error, RuntimeError) and (
+        "backward through the graph a second time" in text or "have already been freed" in text
+    )
 
 
 def _batched_vjp(
@@ -132,9 +157,7 @@ def _loop_vjp(output: Tensor, inputs: Sequence[Tensor], rows: Tensor, retain_gra
     per_row = []
     for index, row in enumerate(rows):
         keep = retain_graph or index < rows.shape[0] - 1
-        per_row.append(
-            torch.autograd.grad(output, inputs, row, retain_graph=keep, materialize_grads=True)
-        )
+        per_row.append(_grad(output, inputs, row, keep, materialize_grads=True))
     return [
         None if parts[0] is None else torch.stack(parts, 0)  # type: ignore[arg-type]
         for parts in zip(*per_row)

@@ -44,6 +44,12 @@ def prepare_losses(losses: object, check_finite: bool = True) -> TaskLosses:
         raise ValueError(
             f"losses: expected all losses on one device, got {sorted(map(str, devices))}"
         )
+    dtypes = {loss.dtype for loss in losses}
+    if len(dtypes) > 1:
+        raise TypeError(
+            f"losses: expected all losses of one dtype, got {sorted(map(str, dtypes))}; "
+            "cast them (e.g. loss.float()) so that no task's gradient is silently promoted"
+        )
     with torch.enable_grad():
         output = torch.stack([loss.reshape(()) for loss in losses])
     return _from_tensor(output, check_finite)

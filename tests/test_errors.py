@@ -30,6 +30,12 @@ def nonfinite_grad_losses(net: Net) -> list[torch.Tensor]:
     return losses
 
 
+def freed_graph_losses(net: Net) -> list[torch.Tensor]:
+    losses = net.losses(*make_batch(4))
+    torch.autograd.grad(sum(losses), list(net.encoder.parameters()))  # frees the graph
+    return losses
+
+
 BAD_INPUTS = {
     "none": (lambda net: None, TypeError, "losses: expected a non-empty sequence"),
     "empty": (lambda net: [], ValueError, "at least one task loss"),
@@ -71,6 +77,18 @@ BAD_INPUTS = {
         "finite",
     ),
     "inf gradient": (nonfinite_grad_losses, FloatingPointError, "not finite"),
+    "graph freed": (freed_graph_losses, RuntimeError, "graph was already freed"),
+    "mixed dtypes": (
+        lambda net: [net.losses(*make_batch(0))[0].double()] + net.losses(*make_batch(0))[1:],
+        TypeError,
+        "one dtype",
+    ),
+    "mixed devices": (
+        lambda net: net.losses(*make_batch(0))[:2]
+        + [torch.zeros((), device="meta", requires_grad=True) * 2],
+        ValueError,
+        "one device",
+    ),
 }
 
 
