@@ -38,7 +38,7 @@ FACTORIES["TrimmedMean"] = lambda: weighting_class("TrimmedMean")(trim_number=1)
 #: g_i.d >= -reg_eps trace(G) w_i (tested in their own file).
 NON_CONFLICTING = {
     name: FACTORIES.get(name, _build(name))
-    for name in ["MGDA", "NashMTL", "FairGrad", "ConFIG"]
+    for name in ["MGDA", "NashMTL", "FairGrad", "ConFIG", "ConicGrad"]
 }
 NON_CONFLICTING["UPGrad"] = _build("UPGrad", reg_eps=0.0)
 NON_CONFLICTING["DualProj"] = _build("DualProj", reg_eps=0.0)

@@ -10,19 +10,24 @@ from __future__ import annotations
 import inspect
 
 from .adatask import AdaTask
+from .aligned_mtl import AlignedMTL
 from .base import REGISTRY, Weighting
 from .baselines import Mean, Sum
+from .config import ConFIG
+from .conicgrad import ConicGrad
 from .dbmtl import DBMTL
 from .double_sampling import MoDo, SDMGrad
 from .dualproj import DualProj
 from .excess_mtl import ExcessMTL
 from .famo import FAMO
+from .graddrop import GradDrop
 from .gradnorm import GradNorm
 from .gradvac import GradVac
 from .imtl import IMTL, IMTLG, IMTLL
 from .loss_balancing import DWA, GLS, STCH, Constant, Random
 from .mgda import MGDA
 from .moco import MoCo
+from .robust import Krum, TrimmedMean
 from .uncertainty import UW
 from .upgrad import UPGrad
 
@@ -97,10 +102,15 @@ __all__ = [
     "STCH",
     "UW",
     "AdaTask",
+    "AlignedMTL",
+    "ConFIG",
+    "ConicGrad",
     "Constant",
     "DualProj",
     "ExcessMTL",
+    "GradDrop",
     "GradNorm",
+    "Krum",
     "GradVac",
     "Mean",
     "MoCo",
@@ -108,6 +118,7 @@ __all__ = [
     "Random",
     "SDMGrad",
     "Sum",
+    "TrimmedMean",
     "UPGrad",
     "Weighting",
     "available",
