@@ -48,9 +48,10 @@ class Weighting:
     #: plain SGD (no momentum), which only applies the group's lr and weight decay.
     expects_plain_sgd: ClassVar[bool] = False
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
+    def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
+        # Shared bases pass register=False (or start with "_"): only methods are listed.
         super().__init_subclass__(**kwargs)
-        if not cls.__name__.startswith("_"):
+        if register and not cls.__name__.startswith("_"):
             REGISTRY[cls.__name__] = cls
 
     def __init__(self) -> None:

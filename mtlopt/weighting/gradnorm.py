@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Weighting, check_non_negative, check_positive, copy_tensor_state
+from .base import check_non_negative, copy_tensor_state
+from .learned import LearnedPerTask
 
 #: Floor of the raw weights before renormalisation: keeps every weight positive (the paper
 #: does not say what happens when a step drives one to zero or below) and every task's
@@ -15,7 +16,7 @@ from .base import Weighting, check_non_negative, check_positive, copy_tensor_sta
 _MIN_WEIGHT = 1e-6
 
 
-class GradNorm(Weighting):
+class GradNorm(LearnedPerTask):
     r"""GradNorm: task weights trained so that the weighted gradient norms follow the tasks'
     relative inverse training rates.
 
@@ -59,30 +60,30 @@ class GradNorm(Weighting):
     needs = "gramian"
     stateful = True
 
+    parameter_name = "raw_weights"
+    initial_value = 1.0
+
     def __init__(
         self, alpha: float = 1.5, lr: float | None = None, n_tasks: int | None = None
     ) -> None:
-        super().__init__()
         self.alpha = check_non_negative("alpha", alpha)
-        self.lr = None if lr is None else check_positive("lr", lr)
-        if n_tasks is not None and (
-            isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 1
-        ):
-            raise ValueError(f"n_tasks: expected a positive int or None, got {n_tasks!r}")
-        self.raw_weights = torch.nn.Parameter(torch.zeros(0))
+        super().__init__(lr=lr, n_tasks=n_tasks)
         self.initial_losses: Tensor | None = None
         self._gradient_norms: Tensor | None = None  # ||g_i|| of the step in progress
-        if n_tasks is not None:
-            self.ensure_parameters(n_tasks)
+
+    @property
+    def raw_weights(self) -> Tensor:
+        """The learnable weights before renormalisation (empty until the first step)."""
+        return self.parameter
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "lr": self.lr}
 
     def task_weights(self, losses: Tensor) -> Tensor:
         """The weights in use, ``m w / sum(w)`` in float64 (ones before ``w`` exists)."""
-        if self.raw_weights.numel() == 0:
+        raw = self.learned(losses)
+        if raw is None:
             return torch.ones_like(losses)
-        raw = self.raw_weights.detach().to(device=losses.device, dtype=torch.float64)
         floored = raw.clamp(min=_MIN_WEIGHT)
         return raw.numel() * floored / floored.sum()
 
@@ -96,18 +97,6 @@ class GradNorm(Weighting):
         weighted_norms = gramian.diagonal().clamp(min=0).sqrt()
         self._gradient_norms = weighted_norms / self.task_weights(losses).to(gramian.device)
         return torch.ones_like(weighted_norms)
-
-    def learnable_parameters(self) -> list[Tensor]:
-        return [self.raw_weights]
-
-    def ensure_parameters(self, n_tasks: int) -> list[Tensor]:
-        if self.raw_weights.numel() == 0:
-            self.n_tasks = n_tasks
-            self.raw_weights.data = torch.ones(n_tasks).to(self.raw_weights)
-        return []
-
-    def parameter_group_options(self) -> dict[str, Any]:
-        return {} if self.lr is None else {"lr": self.lr}
 
     def weight_gradient(self, losses: Tensor, gradient_norms: Tensor) -> Tensor:
         """``dL_grad / dw`` (Eq. 2, target constant) at the weights in use, float64."""
@@ -126,40 +115,26 @@ class GradNorm(Weighting):
         return torch.sign(weighted_norms - target) * gradient_norms
 
     def accumulate_parameter_grads(self, losses: Tensor) -> None:
-        raw = self.raw_weights
         if self.initial_losses is None:
             self.initial_losses = losses.detach().clone()
         norms, self._gradient_norms = self._gradient_norms, None
         # Without shared parameters in this group there is nothing to balance.
         grad = None if norms is None else self.weight_gradient(losses, norms.to(losses.device))
         with torch.no_grad():  # renormalise: the base optimizer steps from m w / sum(w)
-            raw.data.copy_(self.task_weights(losses).to(raw.device, raw.dtype))
+            self.parameter.data.copy_(self.task_weights(losses).to(self.parameter))
         if grad is not None:
-            grad = grad.to(device=raw.device, dtype=raw.dtype)
-            raw.grad = grad if raw.grad is None else raw.grad.add_(grad)
+            self.add_parameter_grad(grad)
 
     def state_dict(self) -> dict[str, Any]:
         initial = self.initial_losses
         return {
-            "n_tasks": self.n_tasks,
-            "raw_weights": self.raw_weights.detach().clone(),
+            **super().state_dict(),
             "initial_losses": None if initial is None else initial.clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.check_state_dict(state)
-        saved = state["raw_weights"]
-        if not isinstance(saved, Tensor) or saved.dim() != 1:
-            raise ValueError(f"state_dict: raw_weights should be a 1-D tensor, got {saved!r}")
-        if self.raw_weights.numel() not in (0, saved.numel()):
-            raise ValueError(
-                f"state_dict: raw_weights has {saved.numel()} entries, this {self!r} has "
-                f"{self.raw_weights.numel()} (another number of tasks)"
-            )
-        initial = state["initial_losses"]
+        initial = state.get("initial_losses")
         super().load_state_dict(state)
         self.initial_losses = (
             None if initial is None else copy_tensor_state(None, initial, "initial_losses")
         )
-        with torch.no_grad():
-            self.raw_weights.data = saved.detach().to(self.raw_weights).clone()

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from ..solvers import gramian_rtol, pinv_solve
-from .base import Weighting, check_positive, copy_tensor_state
+from .base import Weighting
+from .learned import LearnedPerTask
 
 
 def imtl_g_weights(gramian: Tensor, rtol: float) -> Tensor:
@@ -54,7 +53,7 @@ class IMTLG(Weighting):
         return imtl_g_weights(gramian, gramian_rtol(torch.float32, gramian.shape[0]))
 
 
-class IMTLL(Weighting):
+class IMTLL(LearnedPerTask):
     r"""IMTL-L: learnable loss scales that make the scaled losses stay at a constant value.
 
     Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021 (Section 3.1, Eq. 2).
@@ -76,69 +75,26 @@ class IMTLL(Weighting):
     """
 
     needs = "losses"
-    stateful = True
+    parameter_name = "log_scales"
 
-    def __init__(self, lr: float | None = None, n_tasks: int | None = None) -> None:
-        super().__init__()
-        self.lr = None if lr is None else check_positive("lr", lr)
-        if n_tasks is not None and (
-            isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 1
-        ):
-            raise ValueError(f"n_tasks: expected a positive int or None, got {n_tasks!r}")
-        # The scales exist from the start (empty until the number of tasks is known) so that
-        # their param group is in place before LR schedulers are built on the optimizer.
-        self.log_scales = torch.nn.Parameter(torch.zeros(0))
-        if n_tasks is not None:
-            self.ensure_parameters(n_tasks)
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return {"lr": self.lr}
+    @property
+    def log_scales(self) -> Tensor:
+        """The learnable log-scales ``s`` (empty until the number of tasks is known)."""
+        return self.parameter
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(lr={self.lr!r})"
 
     def scales(self, losses: Tensor) -> Tensor:
         """``exp(s)`` in float64 (ones before the scales exist: ``s`` starts at zero)."""
-        if self.log_scales.numel() == 0:
-            return torch.ones_like(losses)
-        return self.log_scales.detach().to(device=losses.device, dtype=torch.float64).exp()
+        s = self.learned(losses)
+        return torch.ones_like(losses) if s is None else s.exp()
 
     def loss_weights(self, losses: Tensor) -> Tensor:
         return self.scales(losses)
 
-    def learnable_parameters(self) -> list[Tensor]:
-        return [self.log_scales]
-
-    def ensure_parameters(self, n_tasks: int) -> list[Tensor]:
-        if self.log_scales.numel() == 0:
-            self.n_tasks = n_tasks
-            self.log_scales.data = torch.zeros(n_tasks, device=self.log_scales.device)
-        return []
-
-    def parameter_group_options(self) -> dict[str, Any]:
-        return {} if self.lr is None else {"lr": self.lr}
-
     def accumulate_parameter_grads(self, losses: Tensor) -> None:
-        scales = self.log_scales
-        grad = (self.scales(losses) * losses - 1.0).to(device=scales.device, dtype=scales.dtype)
-        scales.grad = grad if scales.grad is None else scales.grad.add_(grad)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"n_tasks": self.n_tasks, "log_scales": self.log_scales.detach().clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.check_state_dict(state)
-        saved = state["log_scales"]
-        if not isinstance(saved, Tensor) or saved.dim() != 1:
-            raise ValueError(f"state_dict: log_scales should be a 1-D tensor, got {saved!r}")
-        if self.log_scales.numel() not in (0, saved.numel()):
-            raise ValueError(
-                f"state_dict: log_scales has {saved.numel()} entries, this {self!r} has "
-                f"{self.log_scales.numel()} (another number of tasks)"
-            )
-        super().load_state_dict(state)
-        with torch.no_grad():
-            self.log_scales.data = saved.detach().to(self.log_scales).clone()
+        self.add_parameter_grad(self.scales(losses) * losses - 1.0)
 
 
 class IMTL(IMTLL):

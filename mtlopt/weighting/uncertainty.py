@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from .base import Weighting, check_positive
+from .learned import LearnedPerTask
 
 
-class UW(Weighting):
+class UW(LearnedPerTask):
     r"""Uncertainty weighting: each task's loss is scaled by a learned precision.
 
     Kendall, Gal and Cipolla, "Multi-Task Learning Using Uncertainty to Weigh Losses for Scene
@@ -45,63 +43,21 @@ class UW(Weighting):
     """
 
     needs = "losses"
-    stateful = True
+    parameter_name = "log_variances"
 
-    def __init__(self, lr: float | None = None, n_tasks: int | None = None) -> None:
-        super().__init__()
-        self.lr = None if lr is None else check_positive("lr", lr)
-        if n_tasks is not None and (
-            isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 1
-        ):
-            raise ValueError(f"n_tasks: expected a positive int or None, got {n_tasks!r}")
-        self.log_variances = torch.nn.Parameter(torch.zeros(0))
-        if n_tasks is not None:
-            self.ensure_parameters(n_tasks)
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return {"lr": self.lr}
+    @property
+    def log_variances(self) -> Tensor:
+        """The learnable log-variances ``s`` (empty until the number of tasks is known)."""
+        return self.parameter
 
     def precisions(self, losses: Tensor) -> Tensor:
         """``exp(-s)`` in float64 (ones before the log-variances exist)."""
-        if self.log_variances.numel() == 0:
-            return torch.ones_like(losses)
-        s = self.log_variances.detach().to(device=losses.device, dtype=torch.float64)
-        return (-s).exp()
+        s = self.learned(losses)
+        return torch.ones_like(losses) if s is None else (-s).exp()
 
     def loss_weights(self, losses: Tensor) -> Tensor:
         self.check_n_tasks(losses.numel())
         return self.precisions(losses)
 
-    def learnable_parameters(self) -> list[Tensor]:
-        return [self.log_variances]
-
-    def ensure_parameters(self, n_tasks: int) -> list[Tensor]:
-        if self.log_variances.numel() == 0:
-            self.n_tasks = n_tasks
-            self.log_variances.data = torch.zeros(n_tasks).to(self.log_variances)
-        return []
-
-    def parameter_group_options(self) -> dict[str, Any]:
-        return {} if self.lr is None else {"lr": self.lr}
-
     def accumulate_parameter_grads(self, losses: Tensor) -> None:
-        s = self.log_variances
-        grad = (1.0 - self.precisions(losses) * losses).to(device=s.device, dtype=s.dtype)
-        s.grad = grad if s.grad is None else s.grad.add_(grad)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"n_tasks": self.n_tasks, "log_variances": self.log_variances.detach().clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.check_state_dict(state)
-        saved = state["log_variances"]
-        if not isinstance(saved, Tensor) or saved.dim() != 1:
-            raise ValueError(f"state_dict: log_variances should be a 1-D tensor, got {saved!r}")
-        if self.log_variances.numel() not in (0, saved.numel()):
-            raise ValueError(
-                f"state_dict: log_variances has {saved.numel()} entries, this {self!r} has "
-                f"{self.log_variances.numel()} (another number of tasks)"
-            )
-        super().load_state_dict(state)
-        with torch.no_grad():
-            self.log_variances.data = saved.detach().to(self.log_variances).clone()
+        self.add_parameter_grad(1.0 - self.precisions(losses) * losses)

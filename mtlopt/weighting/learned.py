@@ -1,0 +1,83 @@
+"""The shared machinery of weightings that learn one value per task (IMTL-L, UW, GradNorm).
+
+The values form a tensor trained by the base optimizer as an extra param group, so LR
+schedulers, gradient clipping and checkpoints cover them. The tensor exists from
+construction, empty until the first step tells the number of tasks (or sized at once with
+``n_tasks``), so the param group is in place before any scheduler is built.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .base import Weighting, check_positive, check_positive_int
+
+
+class LearnedPerTask(Weighting, register=False):
+    """Base class: one learnable value per task, named :attr:`parameter_name`.
+
+    Args:
+        lr: learning rate of the values' param group (default: the base optimizer's).
+        n_tasks: size the values at construction (otherwise on the first step).
+    """
+
+    stateful = True
+    #: The state-dict key (and attribute) of the learned values.
+    parameter_name: ClassVar[str] = "values"
+    #: Each value at the start.
+    initial_value: ClassVar[float] = 0.0
+
+    def __init__(self, lr: float | None = None, n_tasks: int | None = None) -> None:
+        super().__init__()
+        self.lr = None if lr is None else check_positive("lr", lr)
+        self.parameter = torch.nn.Parameter(torch.zeros(0))
+        if n_tasks is not None:
+            self.ensure_parameters(check_positive_int("n_tasks", n_tasks))
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"lr": self.lr}
+
+    def learned(self, losses: Tensor) -> Tensor | None:
+        """The values in float64 on the losses' device, or None before they exist."""
+        if self.parameter.numel() == 0:
+            return None
+        return self.parameter.detach().to(device=losses.device, dtype=torch.float64)
+
+    def learnable_parameters(self) -> list[Tensor]:
+        return [self.parameter]
+
+    def ensure_parameters(self, n_tasks: int) -> list[Tensor]:
+        if self.parameter.numel() == 0:
+            self.n_tasks = n_tasks
+            self.parameter.data = torch.full((n_tasks,), self.initial_value).to(self.parameter)
+        return []
+
+    def parameter_group_options(self) -> dict[str, Any]:
+        return {} if self.lr is None else {"lr": self.lr}
+
+    def add_parameter_grad(self, grad: Tensor) -> None:
+        """Accumulate ``grad`` (any float dtype) into the values' ``.grad``."""
+        grad = grad.to(device=self.parameter.device, dtype=self.parameter.dtype)
+        current = self.parameter.grad
+        self.parameter.grad = grad if current is None else current.add_(grad)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"n_tasks": self.n_tasks, self.parameter_name: self.parameter.detach().clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state_dict(state)
+        name = self.parameter_name
+        saved = state[name]
+        if not isinstance(saved, Tensor) or saved.dim() != 1:
+            raise ValueError(f"state_dict: {name} should be a 1-D tensor, got {saved!r}")
+        if self.parameter.numel() not in (0, saved.numel()):
+            raise ValueError(
+                f"state_dict: {name} has {saved.numel()} entries, this {self!r} has "
+                f"{self.parameter.numel()} (another number of tasks)"
+            )
+        super().load_state_dict(state)
+        with torch.no_grad():
+            self.parameter.data = saved.detach().to(self.parameter).clone()
