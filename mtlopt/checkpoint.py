@@ -67,7 +67,10 @@ def check(entry: object, weightings: list[Weighting | None]) -> list[dict[str, A
                 f"this optimizer uses {name}{mine}"
             )
         weighting.check_state_dict(item["state"])
-        if weighting.n_tasks is not None and item["state"]["n_tasks"] not in (None, weighting.n_tasks):
+        if weighting.n_tasks is not None and item["state"]["n_tasks"] not in (
+            None,
+            weighting.n_tasks,
+        ):
             raise ValueError(
                 f"state_dict: group {index} was saved for {item['state']['n_tasks']} tasks, "
                 f"this optimizer's {name} has {weighting.n_tasks}"

@@ -144,9 +144,7 @@ def _batched_vjp(
         last = start + step >= n_rows
         chunk = torch.func.vmap(vjp_keeping(keep or not last))(rows[start : start + step])
         if start == 0:
-            blocks = [
-                None if g is None else g.new_empty((n_rows, *g.shape[1:])) for g in chunk
-            ]
+            blocks = [None if g is None else g.new_empty((n_rows, *g.shape[1:])) for g in chunk]
         for block, part in zip(blocks, chunk):
             if block is not None and part is not None:
                 block[start : start + part.shape[0]].copy_(part)
