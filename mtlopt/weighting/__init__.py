@@ -13,12 +13,14 @@ from .adatask import AdaTask
 from .aligned_mtl import AlignedMTL
 from .base import REGISTRY, Weighting
 from .baselines import Mean, Sum
+from .cagrad import CAGrad, IMGrad
 from .config import ConFIG
 from .conicgrad import ConicGrad
 from .dbmtl import DBMTL
 from .double_sampling import MoDo, SDMGrad
 from .dualproj import DualProj
 from .excess_mtl import ExcessMTL
+from .fairgrad import FairGrad
 from .famo import FAMO
 from .graddrop import GradDrop
 from .gradnorm import GradNorm
@@ -27,6 +29,8 @@ from .imtl import IMTL, IMTLG, IMTLL
 from .loss_balancing import DWA, GLS, STCH, Constant, Random
 from .mgda import MGDA
 from .moco import MoCo
+from .nash_mtl import NashMTL
+from .pcgrad import PCGrad
 from .robust import Krum, TrimmedMean
 from .uncertainty import UW
 from .upgrad import UPGrad
@@ -102,6 +106,11 @@ __all__ = [
     "STCH",
     "UW",
     "AdaTask",
+    "CAGrad",
+    "FairGrad",
+    "IMGrad",
+    "NashMTL",
+    "PCGrad",
     "AlignedMTL",
     "ConFIG",
     "ConicGrad",
