@@ -11,7 +11,9 @@ encoder, m heads Linear(512, 1), batch 256, MSE), a small CNN on 3 x 32 x 32 inp
 2-layer Transformer encoder (d_model 64, seq 32), each with one regression head per task;
 m in {2, 10, 40}. Contenders (``benchmarks/contenders.py``): ``plain`` (sum of the losses,
 one backward), ``floor`` (one bare batched VJP of all m losses, the mean written to
-``.grad``), ``loop`` (m sequential ``autograd.grad`` calls + the same weighting, LibMTL's
+``.grad``), ``floor-z`` (the same mean with torchjd's structure: each task's gradient of the
+shared representation through its own head, then one batched VJP through the encoder),
+``loop`` (m sequential ``autograd.grad`` calls + the same weighting, LibMTL's
 way), ``torchjd`` (0.18: ``mtl_backward`` + ``jac_to_grad``, or a scalarizer for loss-only
 methods), ``mtlopt`` (``MultiTaskOptimizer.step(losses)``) and ``mtlopt-rep``
 (``step(losses, features=z)``). Every contender has its own copy of the same model, batch
@@ -53,6 +55,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,18 +155,21 @@ def machine_lines(args: argparse.Namespace, device: torch.device) -> list[str]:
 
 
 def load_line(start: tuple[float, ...], end: tuple[float, ...], threads: int) -> str:
-    busy = max(start[0], end[0]) > threads + 0.5
-    return f"Load average (1 min) at start {start[0]:.1f}, at end {end[0]:.1f}" + (
-        f": above the {threads} threads used, so other processes competed for the cores "
-        "and these timings are noisy; rerun on a quiet machine before quoting them."
-        if busy
-        else "."
-    )
+    """The load averages around the run; the start figure tells whether other processes
+    were competing for the cores (the end figure includes this run itself)."""
+    text = f"Load average (1 min) at start {start[0]:.1f}, at end {end[0]:.1f} (this run included)"
+    if start[0] > 0.5:
+        return text + (
+            ": other processes were using the CPU when the run started, so these timings "
+            "are noisy; rerun on a quiet machine before quoting them."
+        )
+    return text + "."
 
 
 def measure_config(
     workload_name: str, n_tasks: int, methods: list[Method], args: argparse.Namespace,
     device: torch.device, with_torchjd: bool, with_representation: bool, notes: list[str],
+    warned: dict[str, list[str]],
 ) -> ConfigResult:  # fmt: skip
     workload = WORKLOADS[workload_name]
     torch.manual_seed(args.seed)
@@ -180,11 +186,8 @@ def measure_config(
     )  # fmt: skip
     for (method, kind), error in timing.failures.items():
         notes.append(f"{where}: {kind} {method} failed and was dropped: {error}")
-    warned: dict[str, list[str]] = {}
     for (method, kind), message in timing.warnings.items():
-        warned.setdefault(message, []).append(f"{kind} {method}".strip())
-    for message, who in warned.items():
-        notes.append(f"{where}: {', '.join(sorted(who))} warned: {message}")
+        warned.setdefault(message, []).append(f"{where}: {kind} {method}".strip())
     memory = {c.key: peak_bytes(c.step, device) for c in contenders if c.key in timing.samples}
     n_shared = parameter_count(template.shared_parameters())
     config = ConfigResult(
@@ -221,11 +224,12 @@ def weighting_times(methods: list[Method], args: argparse.Namespace, device: tor
             peer = torchjd_weighting_call(method, data) if with_torchjd else None
             if peer is not None:
                 try:
-                    entry.torchjd_ms = (
-                        time_call(peer[0], args.weighting_repeats, sync, clock=CLOCKS[args.clock])
-                        * 1e3
-                    )
-                    entry.torchjd_call = peer[1]
+                    with warnings.catch_warnings():  # cvxpy's DPP notice, already noted
+                        warnings.simplefilter("ignore")
+                        seconds = time_call(
+                            peer[0], args.weighting_repeats, sync, clock=CLOCKS[args.clock]
+                        )
+                    entry.torchjd_ms, entry.torchjd_call = seconds * 1e3, peer[1]
                 except Exception as error:  # noqa: BLE001 - noted
                     notes.append(
                         f"weighting-only {method.name} m={n_tasks}: torchjd failed: {error!r}"
@@ -328,6 +332,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> BenchmarkReport:
     if not with_representation:
         notes.append("this mtlopt has no representation mode (step(..., features=z)): no rep rows")
     configs = []
+    warned: dict[str, list[str]] = {}  # message -> who warned it, where
     for workload in args.workloads:
         for n_tasks in args.tasks:
             began = time.perf_counter()
@@ -341,6 +346,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> BenchmarkReport:
                     with_torchjd,
                     with_representation,
                     notes,
+                    warned,
                 )
             )
             gc.collect()
@@ -349,6 +355,8 @@ def _run(args: argparse.Namespace, device: torch.device) -> BenchmarkReport:
                 f"{time.perf_counter() - began:.1f} s]",
                 file=sys.stderr,
             )
+    for message, who in warned.items():
+        notes.append(f"warned ({'; '.join(who)}): {message}")
     times = weighting_times(methods, args, device, with_torchjd, notes)
     return BenchmarkReport(machine_lines(args, device), methods, configs, times, notes)
 

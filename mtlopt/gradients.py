@@ -117,21 +117,23 @@ def _split(flat: list[Any], plans: list[GroupPlan]) -> list[list[Any]]:
 def nonfinite_rows(jacobians: list[Jacobian]) -> list[int]:
     """The rows (tasks, or the loss-weighted row) holding a nan or inf; empty if none.
 
-    Rows are summed in float64: a nan or inf anywhere propagates, and no finite float32 or
-    half-precision value can overflow (a norm could).
+    A row sum in the blocks' own dtype propagates any nan or inf (cheap, no copy); only if
+    some sum is not finite, which large finite values can also cause, are the entries
+    themselves inspected.
     """
-    sums = [
-        block.reshape(block.shape[0], -1).sum(1, dtype=torch.float64)
+    blocks = [
+        block.reshape(block.shape[0], -1)
         for jacobian in jacobians
-        for blocks in jacobian
-        for block in blocks
+        for group in jacobian
+        for block in group
         if block is not None
     ]
-    if not sums:
+    if not blocks:
         return []
-    finite = torch.isfinite(torch.stack(sums).sum(0))
-    if bool(finite.all()):
+    sums = torch.stack([block.sum(1, dtype=torch.float32) for block in blocks])
+    if bool(torch.isfinite(sums).all()):
         return []
+    finite = torch.stack([torch.isfinite(block).all(1) for block in blocks]).all(0)
     return [i for i, ok in enumerate(finite.tolist()) if not ok]
 
 

@@ -1,0 +1,106 @@
+"""Smoke test of the benchmark harness (benchmarks/step_time.py): its smallest configuration
+runs in-process and yields a timing row for every contender and a markdown table.
+
+No timing assertions: the figures depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.methods import DEFAULT_METHODS
+from benchmarks.step_time import main
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("bench") / "results.md"
+    threads = torch.get_num_threads()
+    state = torch.random.get_rng_state()
+    result = main(
+        ["--quick", "--workloads", "mlp", "--tasks", "2", "--threads", "1",
+         "--weighting-tasks", "2", "--repeats", "1", "--warmup", "1", "--out", str(out)]
+    )  # fmt: skip
+    # The harness leaves the process as it found it (pytest runs other tests after it).
+    assert torch.get_num_threads() == threads
+    assert torch.equal(torch.random.get_rng_state(), state)
+    return result, out
+
+
+def test_every_contender_has_a_row(run) -> None:
+    result, _ = run
+    (config,) = result.configs
+    assert config.workload == "mlp" and config.n_tasks == 2
+    samples = config.timing.samples
+    expected = [("", "plain"), ("", "floor"), ("", "floor-z")]
+    for method in result.methods:
+        expected.append((method.name, "mtlopt"))
+        if method.exact:
+            expected.append((method.name, "loop"))
+        if method.torchjd is not None:
+            expected.append((method.name, "torchjd"))
+    ours = [key for key in expected if key[1] != "torchjd"]
+    # mtlopt, the loop and the floors must run; a torchjd failure is torchjd's (noted).
+    assert not [k for k in config.timing.failures if k[1] != "torchjd"], config.timing.failures
+    for key in expected:
+        if key in config.timing.failures:
+            assert any(key[0] in note for note in result.notes)
+            continue
+        values = samples.get(key)
+        assert values and all(math.isfinite(v) and v > 0 for v in values), key
+        assert config.memory.get(key) is not None, key
+    assert all(key in samples for key in ours)
+    # The registered default methods are all present (others are skipped with a note).
+    names = {m.name for m in result.methods}
+    assert {"Mean", "IMTLL", "GradVac", "IMTLG", "ExcessMTL"} <= names
+    for name in DEFAULT_METHODS:
+        if name not in names:
+            assert any(note.startswith(name) for note in result.notes), name
+
+
+def test_markdown_table_and_outputs(run) -> None:
+    result, out = run
+    text = out.read_text()
+    assert text.strip() == result.markdown.strip()
+    assert "| method | needs | mtlopt ms |" in text
+    assert "## Targets of issue 4" in text
+    for method in result.methods:
+        assert f"| {method.name} | {method.needs} |" in text
+    assert any(t.method == "GradVac" and t.mtlopt_ms > 0 for t in result.weighting_times)
+    png = Path(out).with_suffix(".png")
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert png.exists() and png.stat().st_size > 0
+    else:
+        assert not png.exists()
+
+
+@pytest.mark.parametrize("name", ["IMTLG", "GradVac"])
+def test_contenders_run_the_same_method(name: str) -> None:
+    """The loop and torchjd contenders apply the same update as mtlopt (first step, m = 3):
+    the comparison is between implementations of one method, not between methods."""
+    from benchmarks import contenders
+    from benchmarks.methods import resolve_methods
+    from benchmarks.workloads import WORKLOADS
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        (method,), _ = resolve_methods([name])
+        workload = WORKLOADS["mlp"]
+        template = workload.build(3)
+        x, y = workload.batch(3, torch.device("cpu"))
+        runs = [contenders.mtlopt(template, x, y, method), contenders.loop(template, x, y, method)]
+        if method.torchjd is not None:
+            runs.append(contenders.torchjd(template, x, y, method))
+        for run in runs:
+            run.step()
+    before = torch.cat([p.detach().flatten() for p in template.parameters()])
+    moved = [torch.cat([p.detach().flatten() for p in r.model.parameters()]) - before for r in runs]
+    scale = moved[0].abs().max()
+    assert scale > 0
+    for other in moved[1:]:
+        assert (other - moved[0]).abs().max() <= 1e-3 * scale
