@@ -34,3 +34,10 @@ def set_generator_state(generator: torch.Generator, state: object) -> None:
     if not isinstance(state, Tensor) or state.dtype != torch.uint8:
         raise TypeError(f"state_dict: rng_state should be a uint8 tensor, got {state!r:.80}")
     generator.set_state(state.detach().cpu().clone())
+
+
+def random_orders(generator: torch.Generator, m: int) -> Tensor:
+    """Row i: the tasks other than i in a random order (one permutation per task)."""
+    keys = torch.rand(m, m, generator=generator, dtype=torch.float64)
+    keys.fill_diagonal_(2.0)  # task i itself sorts last and is dropped
+    return keys.argsort(dim=1)[:, : m - 1]

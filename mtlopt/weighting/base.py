@@ -16,6 +16,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
+from ._rng import derived_generator
+
 Need = Literal["losses", "gramian", "jacobian"]
 
 #: Every concrete weighting class by name (filled by ``Weighting.__init_subclass__``).
@@ -163,8 +165,16 @@ class Weighting:
             )
 
     def spawn(self) -> Weighting:
-        """A fresh copy with its own state, used for every group that names no weighting."""
-        return copy.deepcopy(self)
+        """A fresh copy with its own state, used for every group that names no weighting.
+
+        Every random generator of the copy is reseeded from the original's, so copies draw
+        distinct (and reproducible) streams.
+        """
+        clone = copy.deepcopy(self)
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Generator):
+                setattr(clone, name, derived_generator(value))
+        return clone
 
 
 def combine(weights: Tensor, block: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..solvers.simplex import project_simplex
-from ._rng import derived_generator, generator_state, new_generator, set_generator_state
+from ._rng import generator_state, new_generator, set_generator_state
 from .base import (
     Weighting,
     check_non_negative,
@@ -138,12 +138,6 @@ class SDMGrad(Weighting):
             "seed": self.seed,
         }
 
-    def spawn(self) -> SDMGrad:
-        clone = super().spawn()
-        assert isinstance(clone, SDMGrad)
-        if self._generator is not None:
-            clone._generator = derived_generator(self._generator)
-        return clone
 
     def _sample(self, m: int, device: torch.device) -> Tensor | None:
         """A float64 0/1 mask of the sampled tasks (SDMGrad-OS), or None."""

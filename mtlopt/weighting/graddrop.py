@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._rng import derived_generator, generator_state, new_generator, set_generator_state
+from ._rng import generator_state, new_generator, set_generator_state
 from .base import Weighting, check_unit_interval
 
 
@@ -74,11 +74,6 @@ class GradDrop(Weighting):
         leak = list(self.leak) if isinstance(self.leak, tuple) else self.leak
         return {"leak": leak, "seed": self.seed}
 
-    def spawn(self) -> GradDrop:
-        clone = super().spawn()
-        assert isinstance(clone, GradDrop)
-        clone._generator = derived_generator(self._generator)
-        return clone
 
     def _leak(self, m: int, device: torch.device) -> Tensor | float:
         if not isinstance(self.leak, tuple):

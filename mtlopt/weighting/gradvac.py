@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._rng import derived_generator, generator_state, new_generator, set_generator_state
+from ._rng import generator_state, new_generator, random_orders, set_generator_state
 from .base import Weighting, check_positive, check_unit_interval, copy_tensor_state
 
 
@@ -58,17 +58,7 @@ class GradVac(Weighting):
     def hyperparameters(self) -> dict[str, Any]:
         return {"beta": self.beta, "eps": self.eps, "seed": self.seed}
 
-    def spawn(self) -> GradVac:
-        clone = super().spawn()
-        assert isinstance(clone, GradVac)
-        clone._generator = derived_generator(self._generator)
-        return clone
 
-    def _orders(self, m: int) -> Tensor:
-        """Row i: the tasks other than i in a random order (one permutation per task)."""
-        keys = torch.rand(m, m, generator=self._generator, dtype=torch.float64)
-        keys.fill_diagonal_(2.0)  # task i itself sorts last and is dropped
-        return keys.argsort(dim=1)[:, : m - 1]
 
     def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
         m = gramian.shape[0]
@@ -78,7 +68,7 @@ class GradVac(Weighting):
         elif self.phi_hat.device != gramian.device:
             self.phi_hat = self.phi_hat.to(gramian.device)
         phi_hat = self.phi_hat
-        orders = self._orders(m).to(gramian.device)
+        orders = random_orders(self._generator, m).to(gramian.device)
         rows = torch.arange(m, device=gramian.device)
         coefficients = torch.eye(m, dtype=gramian.dtype, device=gramian.device)
         norms = gramian.diagonal().clamp(min=0).sqrt()

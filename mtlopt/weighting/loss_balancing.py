@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._rng import derived_generator, generator_state, new_generator, set_generator_state
+from ._rng import generator_state, new_generator, set_generator_state
 from .base import Weighting, check_positive, check_positive_int, copy_tensor_state
 
 _FLOAT64_MAX = torch.finfo(torch.float64).max
@@ -141,11 +141,6 @@ class Random(Weighting):
     def hyperparameters(self) -> dict[str, Any]:
         return {"seed": self.seed}
 
-    def spawn(self) -> Random:
-        clone = super().spawn()
-        assert isinstance(clone, Random)
-        clone._generator = derived_generator(self._generator)
-        return clone
 
     @staticmethod
     def _draw(m: int, generator: torch.Generator) -> Tensor:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._rng import derived_generator, generator_state, new_generator, set_generator_state
+from ._rng import generator_state, new_generator, random_orders, set_generator_state
 from .base import Weighting
 
 
@@ -56,22 +56,12 @@ class PCGrad(Weighting):
     def hyperparameters(self) -> dict[str, Any]:
         return {"seed": self.seed}
 
-    def spawn(self) -> PCGrad:
-        clone = super().spawn()
-        assert isinstance(clone, PCGrad)
-        clone._generator = derived_generator(self._generator)
-        return clone
 
-    def _orders(self, m: int) -> Tensor:
-        """Row i: the tasks other than i in a random order (one permutation per task)."""
-        keys = torch.rand(m, m, generator=self._generator, dtype=torch.float64)
-        keys.fill_diagonal_(2.0)  # task i itself sorts last and is dropped
-        return keys.argsort(dim=1)[:, : m - 1]
 
     def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
         m = gramian.shape[0]
         gramian = gramian.to(torch.float64)
-        orders = self._orders(m).to(gramian.device)
+        orders = random_orders(self._generator, m).to(gramian.device)
         rows = torch.arange(m, device=gramian.device)
         coefficients = torch.eye(m, dtype=torch.float64, device=gramian.device)
         squared_norms = gramian.diagonal()
