@@ -73,3 +73,34 @@ def test_resume_is_bit_identical(name: str, stop_at: int) -> None:
     for p, q in zip(net_a.parameters(), net_c.parameters()):
         assert torch.equal(p, q), name
     assert_same(roundtrip(opt_a.state_dict()), roundtrip(opt_c.state_dict()))
+
+
+@pytest.mark.parametrize("name", STATEFUL)
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_skip_policy_moves_no_state(name: str, where: str) -> None:
+    """nonfinite="skip" for every stateful method: the step is skipped, nothing moves."""
+    from mtlopt import MultiTaskOptimizer
+
+    from .conftest import snapshot
+
+    torch.manual_seed(0)
+    net = Net()
+    opt = MultiTaskOptimizer(
+        torch.optim.SGD(net.parameters(), lr=0.05), weighting=FACTORIES[name](), nonfinite="skip"
+    )
+    batches = Batches(net)
+    run(net, opt, batches, 2)
+    opt.zero_grad()
+    before = snapshot(net, opt)
+
+    def poisoned() -> list[torch.Tensor]:
+        losses = batches()
+        if where == "loss":
+            losses[1] = losses[1] * float("nan")
+        else:  # a finite value with an infinite gradient: d sqrt(x)/dx at 0
+            losses[1] = losses[1] + torch.sqrt(net.encoder[0].weight[0, 0] * 0)
+        return losses
+
+    opt.step(poisoned)
+    assert opt.skipped_steps == 1
+    assert_same(snapshot(net, opt), before)
