@@ -61,25 +61,36 @@ def test_copies_after_scheduler_wrapped_step_are_independent() -> None:
         assert torch.equal(a, b)  # the copies' steps never reached the original
 
 
-def test_layout_error_in_one_group_leaves_every_group_untouched() -> None:
+#: Per-tensor state of each Jacobian weighting, and the start of its layout error.
+LAYOUT_STATE = {
+    "ExcessMTL": ("squared_grad_sums", "ExcessMTL keeps squared-gradient sums"),
+    "DBMTL": ("buffers", "DBMTL keeps gradient buffers"),
+    "MoCo": ("tracked", "MoCo keeps gradient tracks"),
+    "AdaTask": ("exp_avg", "AdaTask keeps Adam moments"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUT_STATE))
+def test_layout_error_in_one_group_leaves_every_group_untouched(name: str) -> None:
     torch.manual_seed(0)
     net = Net()
     base = torch.optim.SGD(
         [
             {"params": net.encoder[0].parameters(), "weighting": GradVac()},
-            {"params": net.encoder[2].parameters(), "weighting": ExcessMTL()},
+            {"params": net.encoder[2].parameters(), "weighting": name},
             {"params": net.heads.parameters()},
         ],
         lr=0.1,
     )
     opt = MultiTaskOptimizer(base)
     opt.step(net.losses(*make_batch(0)))
-    # A corrupted layout for ExcessMTL's state (as after swapping the group's parameters).
-    excess = opt.param_groups[1]["weighting"]
-    excess.squared_grad_sums = excess.squared_grad_sums[:1]
+    # A corrupted layout of the per-tensor state (as after swapping the group's parameters).
+    attribute, message = LAYOUT_STATE[name]
+    weighting = opt.param_groups[1]["weighting"]
+    setattr(weighting, attribute, getattr(weighting, attribute)[:1])
     opt.zero_grad()
     before = snapshot(net, opt)
-    with pytest.raises(ValueError, match="ExcessMTL keeps squared-gradient sums"):
+    with pytest.raises(ValueError, match=message):
         opt.step(net.losses(*make_batch(1)))
     assert_same(snapshot(net, opt), before)
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..reachability import single_task
-from .base import Weighting, check_positive, copy_tensor_state, follow_blocks
+from .base import Weighting, check_positive, check_state_layout, copy_tensor_state, follow_blocks
 
 
 def _check_betas(betas: object) -> tuple[float, float]:
@@ -86,6 +86,11 @@ class AdaTask(Weighting):
     def hyperparameters(self) -> dict[str, Any]:
         return {"betas": self.betas, "eps": self.eps}
 
+    def check_layout(self, jacobian: list[Tensor]) -> None:
+        # Heads keep one row of moments, shared tensors m: compare the tensors' own shapes.
+        holder = "AdaTask keeps Adam moments (each tensor must be reached by some loss)"
+        check_state_layout(holder, self.exp_avg, jacobian, per_row=False)
+
     def _prepare(
         self, jacobian: list[Tensor], masks: list[int]
     ) -> tuple[list[Tensor], list[Tensor]]:
@@ -97,14 +102,7 @@ class AdaTask(Weighting):
                 block.new_zeros((r, *block.shape[1:])) for r, block in zip(rows, jacobian)
             ]
             self.exp_avg_sq = [torch.zeros_like(moment) for moment in self.exp_avg]
-        expected = [tuple(moment.shape[1:]) for moment in self.exp_avg]
-        shapes = [tuple(block.shape[1:]) for block in jacobian]
-        if shapes != expected:
-            raise ValueError(
-                f"AdaTask keeps moments for tensors of shapes {expected}, got gradients for "
-                f"tensors of shapes {shapes}; the group's parameters must stay the same (and "
-                "each must be reached by some loss) at every step"
-            )
+        self.check_layout(jacobian)
         for index, (moment, mask) in enumerate(zip(self.exp_avg, masks)):
             if moment.shape[0] == 1 and m > 1 and single_task(mask) is None:
                 raise ValueError(

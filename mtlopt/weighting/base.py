@@ -224,10 +224,29 @@ def copy_tensor_state(target: Tensor | None, source: Any, name: str) -> Tensor:
         raise TypeError(f"state_dict: {name} should be a tensor, got {type(source).__name__}")
     if target is not None and target.shape != source.shape:
         raise ValueError(
-            f"state_dict: {name} has shape {tuple(source.shape)}, "
-            f"expected {tuple(target.shape)}"
+            f"state_dict: {name} has shape {tuple(source.shape)}, expected {tuple(target.shape)}"
         )
     return source.detach().clone()
+
+
+def check_state_layout(
+    holder: str, state: list[Tensor] | None, jacobian: list[Tensor], per_row: bool = True
+) -> None:
+    """Raise ValueError if per-tensor state no longer fits the group's tensors.
+
+    ``holder`` says who keeps what (``"ExcessMTL keeps squared-gradient sums"``). With
+    ``per_row=False`` only the tensors' own shapes are compared, not the number of rows.
+    """
+    if state is None:
+        return
+    cut = 0 if per_row else 1
+    expected = [tuple(s.shape[cut:]) for s in state]
+    got = [tuple(b.shape[cut:]) for b in jacobian]
+    if got != expected:
+        raise ValueError(
+            f"{holder} for shared tensors of shapes {expected}, got per-task gradients of "
+            f"shapes {got}; the group's shared parameters must stay the same across steps"
+        )
 
 
 def follow_blocks(states: list[Tensor], blocks: list[Tensor]) -> list[Tensor]:

@@ -7,7 +7,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Weighting, check_non_negative, check_unit_interval, copy_tensor_state
+from .base import (
+    Weighting,
+    check_non_negative,
+    check_state_layout,
+    check_unit_interval,
+    copy_tensor_state,
+)
 from .loss_balancing import check_losses_above
 
 _LOG_EPS = 1e-8  # inside log(L + eps), as in LibMTL
@@ -68,16 +74,7 @@ class DBMTL(Weighting):
         return 1.0 / (losses + _LOG_EPS)
 
     def check_layout(self, jacobian: list[Tensor]) -> None:
-        buffers = self.buffers
-        if buffers is None:
-            return
-        shapes = [tuple(b.shape) for b in jacobian]
-        if shapes != [tuple(b.shape) for b in buffers]:
-            raise ValueError(
-                f"DBMTL keeps gradient buffers for shared tensors of shapes "
-                f"{[tuple(b.shape) for b in buffers]}, got per-task gradients of shapes "
-                f"{shapes}; the group's shared parameters must stay the same across steps"
-            )
+        check_state_layout("DBMTL keeps gradient buffers", self.buffers, jacobian)
 
     def _buffers_for(self, jacobian: list[Tensor]) -> list[Tensor]:
         if self.buffers is None:

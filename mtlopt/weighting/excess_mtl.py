@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Weighting, check_positive, copy_tensor_state
+from .base import Weighting, check_positive, check_state_layout, copy_tensor_state
 
 _SQRT_EPS = 1e-7  # inside the square root of the AdaGrad denominator (Eq. 7)
 _BASELINE_EPS = 1e-7  # added to the baseline before dividing
@@ -88,16 +88,8 @@ class ExcessMTL(Weighting):
         self.warmup_sum = torch.zeros(m, dtype=torch.float64, device=device)
 
     def check_layout(self, jacobian: list[Tensor]) -> None:
-        sums = self.squared_grad_sums
-        if sums is None:
-            return
-        shapes = [tuple(b.shape) for b in jacobian]
-        if shapes != [tuple(s.shape) for s in sums]:
-            raise ValueError(
-                f"ExcessMTL keeps squared-gradient sums for shared tensors of shapes "
-                f"{[tuple(s.shape) for s in sums]}, got per-task gradients of shapes {shapes}; "
-                "the group's shared parameters must stay the same across steps"
-            )
+        holder = "ExcessMTL keeps squared-gradient sums"
+        check_state_layout(holder, self.squared_grad_sums, jacobian)
 
     def _sums_on_device(self, jacobian: list[Tensor]) -> list[Tensor]:
         self.check_layout(jacobian)

@@ -12,6 +12,7 @@ from .base import (
     Weighting,
     check_non_negative,
     check_positive,
+    check_state_layout,
     combine,
     copy_tensor_state,
     follow_blocks,
@@ -110,6 +111,9 @@ class MoCo(Weighting):
             "gradient_normalization": self.gradient_normalization,
         }
 
+    def check_layout(self, jacobian: list[Tensor]) -> None:
+        check_state_layout("MoCo keeps gradient tracks", self.tracked, jacobian)
+
     # ------------------------------------------------------------------ helpers
     def _prepare(self, jacobian: list[Tensor]) -> tuple[list[Tensor], Tensor]:
         """The tracking tensors and lambda, created on the first call, checked afterwards."""
@@ -118,13 +122,7 @@ class MoCo(Weighting):
             self.n_tasks = m
             self.tracked = [torch.zeros_like(block) for block in jacobian]
             self.lambd = torch.full((m,), 1.0 / m, dtype=torch.float64, device=device)
-        shapes = [tuple(block.shape) for block in jacobian]
-        if shapes != [tuple(y.shape) for y in self.tracked]:
-            raise ValueError(
-                f"MoCo tracks shared tensors of shapes {[tuple(y.shape) for y in self.tracked]}, "
-                f"got per-task gradients of shapes {shapes}; the group's shared parameters must "
-                "stay the same across steps"
-            )
+        self.check_layout(jacobian)
         self.tracked = follow_blocks(self.tracked, jacobian)
         self.lambd = self.lambd.to(device)
         return self.tracked, self.lambd
