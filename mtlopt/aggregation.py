@@ -94,8 +94,8 @@ def _matmul_ready(flat: Tensor) -> Tensor:
     return flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat
 
 
-def _scaled(plan: GroupPlan, block: Tensor) -> Tensor:
-    scale = plan.loss_weights
+def scale_rows(block: Tensor, scale: Tensor | None) -> Tensor:
+    """Row ``i`` of ``block`` times ``scale[i]`` (the loss weights), or ``block`` itself."""
     if scale is None:
         return block
     return block * scale.to(block.dtype).reshape(-1, *[1] * (block.dim() - 1))
@@ -106,7 +106,7 @@ def aggregate_per_task(plan: GroupPlan, losses: Tensor) -> GroupResult:
     updates = list(plan.head_updates)
     weights = product = None
     if plan.shared:
-        blocks = [_scaled(plan, block) for _, block in plan.shared]
+        blocks = [scale_rows(block, plan.loss_weights) for _, block in plan.shared]
         params = [plan.params[position] for position, _ in plan.shared]
         if plan.weighting.needs == "gramian":
             product = gramian(blocks)
@@ -127,12 +127,12 @@ def aggregate_cross_batch(
     updates = list(plan.head_updates)
     weights = None
     if plan.shared:
-        first = [_scaled(plan, block) for _, block in plan.shared]
+        first = [scale_rows(block, plan.loss_weights) for _, block in plan.shared]
         batches = [first] + [
             [
                 torch.zeros_like(block)
                 if blocks[position] is None
-                else _scaled(plan, blocks[position])
+                else scale_rows(blocks[position], plan.loss_weights)
                 for (position, _), block in zip(plan.shared, first)
             ]
             for blocks in extra

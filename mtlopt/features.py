@@ -20,7 +20,7 @@ import copy
 import torch
 from torch import Tensor
 
-from .aggregation import GroupPlan, GroupResult, gramian
+from .aggregation import GroupPlan, GroupResult, gramian, scale_rows
 from .gradients import nonfinite_rows
 from .jacobian import JacobianEngine
 from .losses import NonFiniteError, TaskLosses
@@ -92,13 +92,7 @@ def representation_backward(
             assert scale is not None, f"{plan.weighting!r} returned no loss weights"
             weights, product = scale, None
         else:
-            scaled = (
-                z_jacobian
-                if scale is None
-                else z_jacobian
-                * scale.to(z_jacobian.dtype).reshape(-1, *[1] * (z_jacobian.dim() - 1))
-            )
-            product = gramian([scaled])
+            product = gramian([scale_rows(z_jacobian, scale)])
             weights = plan.weighting.weights_from_gramian(product, task_losses.values)
         applied = (
             weights if (scale is None or plan.weighting.needs == "losses") else weights * scale

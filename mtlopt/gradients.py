@@ -114,6 +114,17 @@ def _split(flat: list[Any], plans: list[GroupPlan]) -> list[list[Any]]:
     return per_group
 
 
+def blocks_of(jacobians: list[Jacobian]) -> list[Tensor]:
+    """Every per-parameter block of several Jacobians (None entries left out)."""
+    return [
+        block
+        for jacobian in jacobians
+        for group in jacobian
+        for block in group
+        if block is not None
+    ]
+
+
 def nonfinite_rows(jacobians: list[Jacobian]) -> list[int]:
     """The rows (tasks, or the loss-weighted row) holding a nan or inf; empty if none.
 
@@ -121,13 +132,7 @@ def nonfinite_rows(jacobians: list[Jacobian]) -> list[int]:
     some sum is not finite, which large finite values can also cause, are the entries
     themselves inspected.
     """
-    blocks = [
-        block.reshape(block.shape[0], -1)
-        for jacobian in jacobians
-        for group in jacobian
-        for block in group
-        if block is not None
-    ]
+    blocks = [block.reshape(block.shape[0], -1) for block in blocks_of(jacobians)]
     if not blocks:
         return []
     sums = torch.stack([block.sum(1, dtype=torch.float32) for block in blocks])

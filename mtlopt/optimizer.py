@@ -18,6 +18,7 @@ from .distributed import average_, resolve_process_group
 from .features import check_features, representation_backward
 from .gradients import (
     aggregate,
+    blocks_of,
     build_plans,
     check_batches,
     extra_batch_gradients,
@@ -326,16 +327,7 @@ class MultiTaskOptimizer(Optimizer):
             jacobian = per_task_gradients(self._engine, task_losses, plans, retain_graph)
             extra_jacobians = [extra_batch_gradients(self._engine, b, plans) for b in extra]
         with torch.no_grad():
-            average_(
-                [
-                    b
-                    for jac in (jacobian, *extra_jacobians)
-                    for bs in jac
-                    for b in bs
-                    if b is not None
-                ],
-                self._process_group,
-            )
+            average_(blocks_of([jacobian, *extra_jacobians]), self._process_group)
             bad = nonfinite_rows([jacobian, *extra_jacobians])
             if bad:
                 what = f"task(s) {bad}" if needs_per_task(plans) else "the loss-weighted gradient"
@@ -346,11 +338,8 @@ class MultiTaskOptimizer(Optimizer):
                 return self._skip_non_finite(error, scaler)
             unscale = scale is not None and needs_per_task(plans)
             if unscale:
-                for jac in (jacobian, *extra_jacobians):
-                    for blocks in jac:
-                        for block in blocks:
-                            if block is not None:
-                                block.div_(scale.to(block.dtype))
+                for block in blocks_of([jacobian, *extra_jacobians]):
+                    block.div_(scale.to(block.dtype))
             for plan, blocks in zip(plans, jacobian):
                 plan.split(blocks)
             for plan in plans:
@@ -476,11 +465,13 @@ class MultiTaskOptimizer(Optimizer):
     @staticmethod
     def _accumulate_learnable(weighting: Weighting, values: Tensor, scale: Tensor | None) -> None:
         """The weighting's own gradients, scaled like every other ``.grad`` under a scaler."""
+        if scale is None:
+            weighting.accumulate_parameter_grads(values)
+            return
+        # Under a scaler only what this step adds is scaled: keep what was there apart.
         tensors = weighting.learnable_parameters()
         before = [None if t.grad is None else t.grad.clone() for t in tensors]
         weighting.accumulate_parameter_grads(values)
-        if scale is None:
-            return
         for tensor, old in zip(tensors, before):
             if tensor.grad is not None:
                 added = tensor.grad if old is None else tensor.grad - old
