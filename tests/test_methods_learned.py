@@ -23,7 +23,8 @@ from mtlopt.weighting.famo import FAMO
 from mtlopt.weighting.gradnorm import GradNorm
 from mtlopt.weighting.uncertainty import UW
 
-from .conftest import Net, make_batch
+from .conftest import Net
+from .references import batch64, double_net, encoder_params, flat_grad, head_params, task_gradients
 
 F64 = torch.float64
 M = 3
@@ -55,38 +56,16 @@ def assert_same(a, b) -> None:
         assert a == b
 
 
-def double_net(seed: int = 0) -> Net:
-    torch.manual_seed(seed)
-    return Net().double()
 
 
-def batch64(step: int):
-    x, y = make_batch(step)
-    return x.double(), y.double()
 
 
-def encoder_params(net: Net) -> list[torch.Tensor]:
-    return list(net.encoder.parameters())
 
 
-def head_params(net: Net, task: int) -> list[torch.Tensor]:
-    return list(net.heads[task].parameters())
 
 
-def task_gradients(losses, params) -> list[torch.Tensor]:
-    rows = []
-    for loss in losses:
-        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        rows.append(
-            torch.cat(
-                [(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)]
-            )
-        )
-    return rows
 
 
-def flat_grad(params) -> torch.Tensor:
-    return torch.cat([p.grad.flatten() for p in params])
 
 
 def own_group_optimizer(

@@ -9,7 +9,6 @@ here from three explicit per-batch Jacobians, ``gramians[p, q] = J_p J_q^T``.
 from __future__ import annotations
 
 import io
-import math
 
 import pytest
 import scipy.optimize
@@ -20,26 +19,19 @@ from mtlopt.weighting.double_sampling import MoDo, SDMGrad
 from mtlopt.weighting.moco import MoCo
 from tests.conftest import Net, make_batch
 
+from .references import dot, norm, rows_of, weighted_sum
+
 # ======================================================================================
 # Plain-Python helpers
 # ======================================================================================
 
 
-def dot(a, b):
-    return sum(x * y for x, y in zip(a, b))
 
 
-def norm(a):
-    return math.sqrt(dot(a, a))
 
 
-def rows_of(jacobian: torch.Tensor) -> list[list[float]]:
-    flat = jacobian.detach().to(torch.float64).reshape(jacobian.shape[0], -1)
-    return [[float(v) for v in row] for row in flat]
 
 
-def weighted_sum(weights, rows):
-    return [sum(weights[i] * rows[i][k] for i in range(len(rows))) for k in range(len(rows[0]))]
 
 
 def project_simplex_reference(v):

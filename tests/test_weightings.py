@@ -17,28 +17,19 @@ from torch import nn
 from mtlopt import MultiTaskOptimizer
 from mtlopt.weighting import IMTL, IMTLG, IMTLL, ExcessMTL, GradVac, Mean, Sum
 
+from .references import dot, head_params, norm, per_task_grads, rows_of, weighted_sum
+
 # ======================================================================================
 # Plain-Python helpers (float64 lists)
 # ======================================================================================
 
 
-def dot(a, b):
-    return sum(x * y for x, y in zip(a, b))
 
 
-def norm(a):
-    return math.sqrt(dot(a, a))
 
 
-def rows_of(jacobian: torch.Tensor) -> list[list[float]]:
-    """An ``m x n`` tensor as a list of m per-task gradient vectors."""
-    flat = jacobian.detach().to(torch.float64).reshape(jacobian.shape[0], -1)
-    return [[float(v) for v in row] for row in flat]
 
 
-def weighted_sum(weights, rows):
-    n = len(rows[0])
-    return [sum(weights[i] * rows[i][k] for i in range(len(rows))) for k in range(n)]
 
 
 def solve(matrix, rhs):
@@ -549,21 +540,8 @@ def shared_params(model):
     return [model.trunk.weight, model.trunk.bias]
 
 
-def head_params(model, t):
-    return [model.heads[t].weight, model.heads[t].bias]
 
 
-def per_task_grads(losses, params):
-    """Per task, the flattened gradient over ``params`` (zeros where a loss does not reach)."""
-    rows = []
-    for loss in losses:
-        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        rows.append(
-            torch.cat(
-                [(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)]
-            )
-        )
-    return torch.stack(rows)
 
 
 def flat_grad(params):
