@@ -32,17 +32,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from example_kit import ThreadCount, base_parser, format_table, use_matplotlib_backend
+from example_kit import ThreadCount, format_table, use_matplotlib_backend
 from multidigits import (
     N_TASKS,
     TASK_NAMES,
-    Config,
     MultiDigitNet,
     Result,
     delta_m,
     format_cell,
-    make_data,
+    prepare_runs,
     train,
+    training_parser,
 )
 
 from mtlopt import per_layer, per_network, per_tensor, together
@@ -89,18 +89,11 @@ def plot(table: dict[str, list[Result]], out: Path, title: str, dpi: int) -> Pat
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default 5)")
-    parser.add_argument("--seeds", type=int, default=1, help="seeds per strategy (default 1)")
+    parser = training_parser(__doc__.splitlines()[0], "strategy")
     parser.add_argument("--beta", type=float, default=0.01, help="GradVac's beta (default 0.01)")
     args = parser.parse_args(argv)
-    config = Config.quick() if args.quick else Config()
-    if args.epochs:
-        config.epochs = args.epochs
+    config, seeds, datasets = prepare_runs(args)
     progress = not args.no_progress
-    args.out.mkdir(parents=True, exist_ok=True)
-    seeds = [args.seed + k for k in range(args.seeds)]
-    datasets = {seed: make_data(config, seed) for seed in seeds}
     print(
         f"GradVac(beta={args.beta}) by granularity; {config.n_train} train / {config.n_test} "
         f"test canvases, {config.epochs} epoch(s), Adam lr {config.lr:g}, seed(s) {seeds}"

@@ -29,6 +29,7 @@ Run:  python examples/multidigits.py            (a few minutes on 2 cores)
 
 from __future__ import annotations
 
+import argparse
 import functools
 import statistics
 import time
@@ -274,19 +275,29 @@ def plot(table: dict[str, dict[str, list[float]]], out: Path, title: str, dpi: i
 
 
 # ---------------------------------------------------------------------------- main
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per method (default 5)")
-    parser.add_argument("--seeds", type=int, default=1, help="seeds per method (default 1)")
-    args = parser.parse_args(argv)
+def training_parser(description: str, per: str) -> argparse.ArgumentParser:
+    """The common options plus ``--epochs`` and ``--seeds`` (per method or strategy)."""
+    parser = base_parser(description)
+    parser.add_argument("--epochs", type=int, default=None, help=f"epochs per {per} (default 5)")
+    parser.add_argument("--seeds", type=int, default=1, help=f"seeds per {per} (default 1)")
+    return parser
+
+
+def prepare_runs(args: argparse.Namespace) -> tuple[Config, list[int], dict[int, Any]]:
+    """The configuration, the seeds and one data set per seed that ``args`` ask for."""
     config = Config.quick() if args.quick else Config()
     if args.epochs:
         config.epochs = args.epochs
-    progress = not args.no_progress
     args.out.mkdir(parents=True, exist_ok=True)
-    methods = available_methods(METHODS, args.methods)
     seeds = [args.seed + k for k in range(args.seeds)]
-    datasets = {seed: make_data(config, seed) for seed in seeds}
+    return config, seeds, {seed: make_data(config, seed) for seed in seeds}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = training_parser(__doc__.splitlines()[0], "method").parse_args(argv)
+    config, seeds, datasets = prepare_runs(args)
+    progress = not args.no_progress
+    methods = available_methods(METHODS, args.methods)
     print(
         f"{config.n_train} train / {config.n_test} test canvases, {config.epochs} epoch(s) of "
         f"batch {config.batch_size}, Adam lr {config.lr:g}, seed(s) {seeds}"
