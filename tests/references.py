@@ -4,7 +4,9 @@ list arithmetic, independent of the library's batched code."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from .conftest import Net, make_batch
@@ -67,3 +69,32 @@ def head_params(net: Net, task: int) -> list[torch.Tensor]:
 
 def flat_grad(params) -> torch.Tensor:  # noqa: ANN001
     return torch.cat([p.grad.flatten() for p in params])
+
+
+def simplex_minimum(
+    value: Callable[[np.ndarray], float],
+    gradient: Callable[[np.ndarray], np.ndarray] | None,
+    m: int,
+) -> np.ndarray:
+    """SLSQP over the simplex from several starts; the best result, projected back onto it
+    (scipy, a generic solver, as the independent reference for the simplex problems)."""
+    import scipy.optimize  # a test-only dependency
+
+    best = None
+    for start in [np.full(m, 1.0 / m)] + [0.9 * np.eye(m)[i] + 0.1 / m for i in range(m)]:
+        result = scipy.optimize.minimize(
+            value,
+            start,
+            jac=gradient,
+            method="SLSQP",
+            bounds=[(0.0, None)] * m,
+            constraints=[
+                {"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones(m)}
+            ],
+            options={"ftol": 1e-15, "maxiter": 2000},
+        )
+        candidate = np.clip(result.x, 0.0, None)
+        candidate = candidate / candidate.sum()
+        if best is None or value(candidate) < value(best):
+            best = candidate
+    return best

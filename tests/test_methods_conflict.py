@@ -9,7 +9,6 @@ paper's objective, both solved by ``scipy.optimize.minimize``, Nash-MTL and Fair
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from mtlopt.weighting.fairgrad import FairGrad
 from mtlopt.weighting.nash_mtl import NashMTL
 from mtlopt.weighting.pcgrad import PCGrad
 from tests.conftest import Net, make_batch
+from tests.references import simplex_minimum
 
 scipy_optimize = pytest.importorskip("scipy.optimize")
 
@@ -55,30 +55,6 @@ def random_jacobian(seed: int, m: int, n: int, spread: float = 1.0) -> torch.Ten
     return torch.randn(m, n, generator=g, dtype=torch.float64) * scales
 
 
-def simplex_minimum(
-    value: Callable[[np.ndarray], float],
-    gradient: Callable[[np.ndarray], np.ndarray] | None,
-    m: int,
-) -> np.ndarray:
-    """SLSQP over the simplex from several starts; the best result, projected back onto it."""
-    best = None
-    for start in [np.full(m, 1.0 / m)] + [0.9 * np.eye(m)[i] + 0.1 / m for i in range(m)]:
-        result = scipy_optimize.minimize(
-            value,
-            start,
-            jac=gradient,
-            method="SLSQP",
-            bounds=[(0.0, None)] * m,
-            constraints=[
-                {"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones(m)}
-            ],
-            options={"ftol": 1e-15, "maxiter": 2000},
-        )
-        candidate = np.clip(result.x, 0.0, None)
-        candidate = candidate / candidate.sum()
-        if best is None or value(candidate) < value(best):
-            best = candidate
-    return best
 
 
 def assert_close_update(ours: torch.Tensor, reference: np.ndarray, rtol: float = 1e-6) -> None:

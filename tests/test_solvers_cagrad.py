@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mtlopt.solvers.cagrad import conflict_averse_weights
+from tests.references import simplex_minimum
 
 scipy_optimize = pytest.importorskip("scipy.optimize")
 
@@ -34,24 +35,7 @@ def scipy_minimum(jacobian: np.ndarray, radius: float) -> np.ndarray:
     def gradient(w: np.ndarray) -> np.ndarray:
         return linear + radius * (gramian @ w) / np.sqrt(max(w @ gramian @ w, 1e-300))
 
-    best = None
-    for start in [np.full(m, 1.0 / m)] + [0.9 * np.eye(m)[i] + 0.1 / m for i in range(m)]:
-        result = scipy_optimize.minimize(
-            value,
-            start,
-            jac=gradient,
-            method="SLSQP",
-            bounds=[(0.0, None)] * m,
-            constraints=[
-                {"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones(m)}
-            ],
-            options={"ftol": 1e-15, "maxiter": 2000},
-        )
-        candidate = np.clip(result.x, 0.0, None)
-        candidate = candidate / candidate.sum()
-        if best is None or value(candidate) < value(best):
-            best = candidate
-    return best
+    return simplex_minimum(value, gradient, m)
 
 
 def random_problem(seed: int, square_or_wide: bool = True) -> tuple[np.ndarray, float]:
