@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
+from hypothesis import settings
 from torch import nn
 
 from mtlopt import MultiTaskOptimizer
 from mtlopt.weighting import IMTL, IMTLG, IMTLL, ExcessMTL, GradVac, Mean, Sum
 
 N_TASKS = 3
+
+# The default run draws the same examples every time, so CI is reproducible; run with
+# HYPOTHESIS_PROFILE=explore to draw fresh ones (and keep any failure as an @example).
+settings.register_profile("deterministic", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 #: One factory per weighting, each with non-default hyperparameters where it has them.
 WEIGHTINGS = {

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mtlopt.weighting.base import REGISTRY
@@ -51,6 +51,8 @@ def hard_jacobian(structure: str, m: int, n: int, seed: int) -> torch.Tensor:
     dtype=st.sampled_from([torch.float32, torch.float64]),
     seed=st.integers(0, 2**16),
 )
+# Opposite 1-D gradients whose float32 Gramian is slightly indefinite (once NaN in NashMTL).
+@example(structure="random", m=2, n=1, exponent=0, dtype=torch.float32, seed=0)
 def test_finite_updates_on_hard_jacobians(
     name: str, structure: str, m: int, n: int, exponent: int, dtype: torch.dtype, seed: int
 ) -> None:

@@ -22,11 +22,18 @@ infinity. Two guards keep the result finite and meaningful:
 
 * a task whose gradient is zero (below ``1e-150`` of the largest gradient norm) gets weight
   0: its utility ``g_i^T d`` is 0 whatever the update, so it cannot take part in the bargain;
-* a ridge ``RIDGE * G_ii`` is added to the diagonal (``1e-10`` of each task's own squared
+* a ridge ``r * G_ii`` is added to the diagonal (``r = 1e-10`` of each task's own squared
   norm, so it does not depend on the tasks' scales). On a well-posed problem this moves the
   weights by about ``1e-10`` relative; on a degenerate one it bounds them (by
-  ``RIDGE^(-1/(1+p))`` in units of ``1 / ||g_i||^(2/(1+p))``), and the update shrinks
+  ``r^(-1/(1+p))`` in units of ``1 / ||g_i||^(2/(1+p))``), and the update shrinks
   towards 0 at Pareto-stationary points instead of blowing up.
+
+  A Gramian accumulated in float32 (or bfloat16) can be slightly indefinite where the exact
+  one is singular (two opposite gradients: a determinant of ``-1e-8`` instead of 0), and
+  ``1e-10`` does not cover that round-off. ``r`` is therefore the first of
+  ``1e-10, 1e-8, ..., 1e-2`` for which the ridged system passes a Cholesky factorisation
+  (``cholesky_ex``: no host synchronisation); on an exact or well-posed Gramian that is
+  ``1e-10``.
 """
 
 from __future__ import annotations
@@ -34,8 +41,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-#: Relative ridge on each task's squared gradient norm (see the module docstring).
-RIDGE = 1e-10
+#: Relative ridges on each task's squared gradient norm, tried in order: the first that makes
+#: the system positive definite is used (see the module docstring).
+RIDGES = (1e-10, 1e-8, 1e-6, 1e-4, 1e-2)
 #: Step lengths tried by the line search: 1, 1/2, ..., 2^-(LINE_SEARCH_STEPS - 1).
 LINE_SEARCH_STEPS = 40
 #: A gradient counts as zero below this fraction of the largest gradient norm.
@@ -118,6 +126,17 @@ def _newton_step(weights: Tensor, gramian: Tensor, power: float) -> Tensor:
     return torch.where(accept, candidate, weights)
 
 
+def _ridged(system: Tensor, active: Tensor) -> Tensor:
+    """``system + r diag(G_ii)`` (active tasks) with the smallest ``r`` of :data:`RIDGES` that
+    leaves it positive definite (the last one if none does)."""
+    ridges = torch.tensor(RIDGES, dtype=system.dtype, device=system.device)
+    diagonal = torch.where(active, system.diagonal(), 0.0)
+    candidates = system + torch.diag_embed(ridges[:, None] * diagonal)
+    _, failures = torch.linalg.cholesky_ex(candidates)
+    first_ok = torch.cat([failures != 0, failures.new_zeros(1, dtype=torch.bool)]).long().argmin()
+    return candidates[first_ok.clamp(max=len(RIDGES) - 1)]
+
+
 def bargaining_weights(
     gramian: Tensor, power: float, iterations: int, initial: Tensor | None = None
 ) -> Tensor:
@@ -144,8 +163,7 @@ def bargaining_weights(
     both = active[:, None] & active[None, :]
     eye = torch.eye(m, dtype=torch.float64, device=gramian.device)
     # Zero-gradient tasks become decoupled dummies (their w = 1 is discarded at the end).
-    system = torch.where(both, normalised, eye)
-    system = system + RIDGE * torch.diag(torch.where(active, system.diagonal(), 0.0))
+    system = _ridged(torch.where(both, normalised, eye), active)
 
     cold_direction = system.diagonal().pow(-1.0 / (1.0 + power))
     weights, potential = _ray_minimum(cold_direction, system, power)
