@@ -24,7 +24,7 @@ from .aggregation import GroupPlan, GroupResult, gramian, scale_rows
 from .gradients import nonfinite_rows
 from .jacobian import JacobianEngine
 from .losses import NonFiniteError, TaskLosses
-from .reachability import task_masks
+from .reachability import GraphMasks, task_masks
 from .weighting.base import combine
 
 
@@ -66,10 +66,9 @@ def representation_backward(
     below_masks = task_masks([features.grad_fn], params)
     above = [p for p, mask in zip(params, below_masks) if mask == 0]
     is_below = {id(p) for p, mask in zip(params, below_masks) if mask != 0}
-    output = task_losses.output
-    eye = torch.eye(task_losses.n_tasks, dtype=output.dtype, device=output.device)
+    graph = GraphMasks(task_losses.roots)
     with torch.enable_grad():
-        blocks = engine.rows_vjp(output, [features, *above], eye, retain_graph=True)
+        blocks = engine.task_rows(task_losses.output, graph, [features, *above], True)
     z_jacobian, above_blocks = blocks[0], dict(zip(map(id, above), blocks[1:]))
     if z_jacobian is None:
         raise ValueError("features: no loss depends on the representation passed as features")
@@ -78,7 +77,7 @@ def representation_backward(
             "losses: the per-task gradients of the representation are not finite; "
             "nothing was changed"
         )
-    masks = dict(zip(map(id, above), task_masks(task_losses.roots, above)))
+    masks = dict(zip(map(id, above), graph.of(above)))
     results: dict[int, GroupResult] = {}
     directions: list[tuple[GroupPlan, list[Tensor], Tensor]] = []
     # Gramian and loss weightings keep small state: a copy restores it if a gradient below

@@ -20,7 +20,7 @@ from .aggregation import (
 )
 from .jacobian import JacobianEngine
 from .losses import TaskLosses
-from .reachability import task_masks
+from .reachability import GraphMasks
 from .weighting.base import Weighting
 
 Jacobian = list[list[Tensor | None]]  #: per group, per parameter: a block or None
@@ -71,9 +71,9 @@ def per_task_gradients(
     inputs = [p for plan in plans for p in plan.params]
     output = task_losses.output
     if needs_per_task(plans):
-        masks = task_masks(task_losses.roots, inputs)
-        eye = torch.eye(task_losses.n_tasks, dtype=output.dtype, device=output.device)
-        flat = engine.rows_vjp(output, inputs, eye, retain_graph, [m != 0 for m in masks])
+        graph = GraphMasks(task_losses.roots)
+        masks = graph.of(inputs)
+        flat = engine.task_rows(output, graph, inputs, retain_graph, masks)
         for plan, plan_masks in zip(plans, _split(masks, plans)):
             plan.masks = plan_masks
     else:
@@ -100,9 +100,8 @@ def extra_batch_gradients(
     """Per-task gradients of a further mini-batch, for the groups that read several."""
     wanted = [plan if plan.weighting.n_batches > 1 else None for plan in plans]
     inputs = [p for plan in wanted if plan is not None for p in plan.params]
-    output = task_losses.output
-    eye = torch.eye(task_losses.n_tasks, dtype=output.dtype, device=output.device)
-    flat = iter(engine.rows_vjp(output, inputs, eye) if inputs else [])
+    graph = GraphMasks(task_losses.roots)
+    flat = iter(engine.task_rows(task_losses.output, graph, inputs) if inputs else [])
     return [[] if plan is None else [next(flat) for _ in plan.params] for plan in wanted]
 
 

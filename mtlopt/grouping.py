@@ -59,6 +59,4 @@ def per_layer(module: nn.Module, **options: Any) -> list[dict[str, Any]]:
 
 def per_tensor(module: nn.Module, **options: Any) -> list[dict[str, Any]]:
     """One group per trainable parameter tensor of ``module``."""
-    return [
-        _group(name, [p], options) for name, p in module.named_parameters() if p.requires_grad
-    ]
+    return [_group(name, [p], options) for name, p in module.named_parameters() if p.requires_grad]

@@ -15,10 +15,13 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import GradientEdge
 
-from .reachability import task_masks
+from .reachability import GraphMasks, single_task, task_masks
+from .task_cut import backward_through_heads, find_cut
 
 Blocks = list[Tensor | None]
+Outputs = Sequence[Tensor | GradientEdge]
 
 
 class JacobianEngine:
@@ -45,6 +48,57 @@ class JacobianEngine:
     def uses_loop(self) -> bool:
         return self.mode == "loop" or self.fallback_reason is not None
 
+    def task_rows(
+        self,
+        output: Tensor,
+        graph: GraphMasks,
+        inputs: Sequence[Tensor],
+        retain_graph: bool = False,
+        masks: Sequence[int] | None = None,
+    ) -> Blocks:
+        """Per-task gradients: ``[m, *x.shape]`` per input (row i: loss i), None where no
+        loss reaches the input.
+
+        ``output`` is the 1-D tensor of the ``m`` losses and ``graph`` the reachability of
+        their graph; ``masks`` (``graph.of(inputs)``) spares recomputing it. Where the tasks
+        have graphs of their own above a shared part, the rows are split at the cut (see
+        :mod:`mtlopt.task_cut`): one pass through the heads, m through the shared layers.
+        """
+        masks = graph.of(inputs) if masks is None else masks
+        n_tasks = output.shape[0]
+        cut = find_cut(graph) if n_tasks > 1 else None
+        if cut is None:
+            eye = torch.eye(n_tasks, dtype=output.dtype, device=output.device)
+            return self.rows_vjp(output, inputs, eye, retain_graph, [m != 0 for m in masks])
+        heads = [x for x, mask in zip(inputs, masks) if single_task(mask) is not None]
+        shared = [x for x, mask in zip(inputs, masks) if mask and single_task(mask) is None]
+        if shared:
+            head_grads, seeds = _guarded(backward_through_heads, cut, output, heads, n_tasks)
+            seeded = [(t, rows) for t, rows in zip(cut.targets, seeds) if rows is not None]
+            shared_blocks = iter(
+                self.vjp_rows(
+                    [t for t, _ in seeded], [rows for _, rows in seeded], shared, retain_graph
+                )
+            )
+        else:  # only task heads: one ordinary backward of the sum gives every block
+            head_grads = list(
+                _grad(output, heads, torch.ones_like(output), True, allow_unused=True)
+            )
+            shared_blocks = iter(())
+        head_blocks = iter(head_grads)
+        blocks: Blocks = []
+        for x, mask in zip(inputs, masks):
+            task = single_task(mask)
+            if task is not None:
+                block = x.new_zeros((n_tasks, *x.shape))
+                grad = next(head_blocks)
+                if grad is not None:
+                    block[task] = grad
+                blocks.append(block)
+            else:
+                blocks.append(next(shared_blocks) if mask else None)
+        return blocks
+
     def rows_vjp(
         self,
         output: Tensor,
@@ -66,30 +120,37 @@ class JacobianEngine:
         if reached is None:
             reached = [mask != 0 for mask in task_masks([output.grad_fn], inputs)]
         used = [x for x, hit in zip(inputs, reached) if hit]
-        blocks = iter(self._rows_vjp_reached(output, used, rows, retain_graph) if used else [])
+        blocks = iter(self.vjp_rows([output], [rows], used, retain_graph) if used else [])
         return [next(blocks) if hit else None for hit in reached]
 
-    def _rows_vjp_reached(
-        self, output: Tensor, inputs: Sequence[Tensor], rows: Tensor, retain_graph: bool
+    def vjp_rows(
+        self,
+        outputs: Outputs,
+        cotangents: Sequence[Tensor],
+        inputs: Sequence[Tensor],
+        retain_graph: bool,
     ) -> Blocks:
+        """``[r, *x.shape]`` per input: row k is the backward of ``outputs`` seeded with row
+        k of each cotangent; every input must be reached."""
+        n_rows = cotangents[0].shape[0]
         if self.uses_loop:
-            return _loop_vjp(output, inputs, rows, retain_graph)
+            return _loop_vjp(outputs, cotangents, inputs, retain_graph)
         # In auto mode the graph is kept so that the loop can rerun if vmap fails on this step
         # (a model can take another code path on a later batch). Its buffers are released
         # with the losses at the end of the user's iteration, as after a plain backward.
         keep = retain_graph or self.mode == "auto"
         try:
-            blocks = _batched_vjp(output, inputs, rows, self.chunk_size, keep)
+            blocks = _batched_vjp(outputs, cotangents, inputs, self.chunk_size, keep)
         except Exception as error:  # vmap lacks a rule for some op of the graph
             if _graph_freed(error):
                 raise RuntimeError(FREED_GRAPH) from error
             if self.mode == "batched":
                 raise
-            blocks = _loop_vjp(output, inputs, rows, retain_graph)
+            blocks = _loop_vjp(outputs, cotangents, inputs, retain_graph)
             self.fallback_reason = f"{type(error).__name__}: {str(error).splitlines()[0]}"
             warnings.warn(
                 "mtlopt: batched per-task gradients are not available for this model "
-                f"({self.fallback_reason}); using a loop of {rows.shape[0]} backward passes "
+                f"({self.fallback_reason}); using a loop of {n_rows} backward passes "
                 "instead (same results, slower). Pass jacobian='loop' to silence this.",
                 RuntimeWarning,
                 stacklevel=4,
@@ -105,11 +166,20 @@ FREED_GRAPH = (
 
 
 def _grad(
-    output: Tensor, inputs: Sequence[Tensor], row: Tensor, retain: bool, **options: bool
+    outputs: Outputs | Tensor,
+    inputs: Sequence[Tensor],
+    seeds: Sequence[Tensor] | Tensor,
+    retain: bool,
+    **options: bool,
 ) -> tuple[Tensor | None, ...]:
     """``torch.autograd.grad`` with a clear message when the graph was already freed."""
+    return _guarded(torch.autograd.grad, outputs, inputs, seeds, retain_graph=retain, **options)
+
+
+def _guarded(function, *args, **kwargs):
+    """Call ``function``; a graph freed by an earlier backward gets :data:`FREED_GRAPH`."""
     try:
-        return torch.autograd.grad(output, inputs, row, retain_graph=retain, **options)
+        return function(*args, **kwargs)
     except RuntimeError as error:
         if _graph_freed(error):
             raise RuntimeError(FREED_GRAPH) from error
@@ -124,25 +194,31 @@ def _graph_freed(error: Exception) -> bool:
 
 
 def _batched_vjp(
-    output: Tensor, inputs: Sequence[Tensor], rows: Tensor, chunk_size: int | None, keep: bool
+    outputs: Outputs,
+    cotangents: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    chunk_size: int | None,
+    keep: bool,
 ) -> Blocks:
-    def vjp_keeping(retain: bool):  # noqa: ANN202
-        def vjp(row: Tensor) -> tuple[Tensor | None, ...]:
+    def vjp_keeping(retain: bool):
+        def vjp(*seeds: Tensor) -> tuple[Tensor | None, ...]:
             return torch.autograd.grad(
-                output, inputs, row, retain_graph=retain, materialize_grads=True
+                outputs, inputs, seeds, retain_graph=retain, materialize_grads=True
             )
 
         return vjp
 
-    n_rows = rows.shape[0]
+    n_rows = cotangents[0].shape[0]
     step = n_rows if chunk_size is None else chunk_size
     if step >= n_rows:
-        return list(torch.func.vmap(vjp_keeping(keep))(rows))
+        return list(torch.func.vmap(vjp_keeping(keep))(*cotangents))
     # Preallocated outputs: the transient memory is one chunk, not a second copy of J.
     blocks: Blocks = []
     for start in range(0, n_rows, step):
         last = start + step >= n_rows
-        chunk = torch.func.vmap(vjp_keeping(keep or not last))(rows[start : start + step])
+        chunk = torch.func.vmap(vjp_keeping(keep or not last))(
+            *[c[start : start + step] for c in cotangents]
+        )
         if start == 0:
             blocks = [None if g is None else g.new_empty((n_rows, *g.shape[1:])) for g in chunk]
         for block, part in zip(blocks, chunk):
@@ -151,11 +227,15 @@ def _batched_vjp(
     return blocks
 
 
-def _loop_vjp(output: Tensor, inputs: Sequence[Tensor], rows: Tensor, retain_graph: bool) -> Blocks:
+def _loop_vjp(
+    outputs: Outputs, cotangents: Sequence[Tensor], inputs: Sequence[Tensor], retain_graph: bool
+) -> Blocks:
+    n_rows = cotangents[0].shape[0]
     per_row = []
-    for index, row in enumerate(rows):
-        keep = retain_graph or index < rows.shape[0] - 1
-        per_row.append(_grad(output, inputs, row, keep, materialize_grads=True))
+    for index in range(n_rows):
+        keep = retain_graph or index < n_rows - 1
+        seeds = [c[index] for c in cotangents]
+        per_row.append(_grad(outputs, inputs, seeds, keep, materialize_grads=True))
     return [
         None if parts[0] is None else torch.stack(parts, 0)  # type: ignore[arg-type]
         for parts in zip(*per_row)

@@ -138,7 +138,6 @@ class SDMGrad(Weighting):
             "seed": self.seed,
         }
 
-
     def _sample(self, m: int, device: torch.device) -> Tensor | None:
         """A float64 0/1 mask of the sampled tasks (SDMGrad-OS), or None."""
         if self.n_sampled is None or self._generator is None:

@@ -74,7 +74,6 @@ class GradDrop(Weighting):
         leak = list(self.leak) if isinstance(self.leak, tuple) else self.leak
         return {"leak": leak, "seed": self.seed}
 
-
     def _leak(self, m: int, device: torch.device) -> Tensor | float:
         if not isinstance(self.leak, tuple):
             return self.leak

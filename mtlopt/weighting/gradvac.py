@@ -58,8 +58,6 @@ class GradVac(Weighting):
     def hyperparameters(self) -> dict[str, Any]:
         return {"beta": self.beta, "eps": self.eps, "seed": self.seed}
 
-
-
     def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
         m = gramian.shape[0]
         if self.phi_hat is None:

@@ -141,7 +141,6 @@ class Random(Weighting):
     def hyperparameters(self) -> dict[str, Any]:
         return {"seed": self.seed}
 
-
     @staticmethod
     def _draw(m: int, generator: torch.Generator) -> Tensor:
         return torch.softmax(torch.randn(m, generator=generator, dtype=torch.float64), 0)

@@ -56,8 +56,6 @@ class PCGrad(Weighting):
     def hyperparameters(self) -> dict[str, Any]:
         return {"seed": self.seed}
 
-
-
     def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
         m = gramian.shape[0]
         gramian = gramian.to(torch.float64)
