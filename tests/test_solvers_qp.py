@@ -65,11 +65,21 @@ def _single_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(params=["enumeration", "interior_point"])
+PATHS = ["enumeration", "pivoting", "interior_point"]
+
+
+def use_path(patch: pytest.MonkeyPatch, name: str) -> None:
+    """Make :func:`nonnegative_qp` take one of its three exact methods whatever the size."""
+    enumerate_all = 2**62 if name == "enumeration" else 0
+    patch.setattr(min_norm_module, "ENUMERATION_LIMIT", enumerate_all)
+    patch.setattr(min_norm_module, "CPU_ENUMERATION_LIMIT", enumerate_all)
+    patch.setattr(min_norm_module, "PIVOT_ON_CPU", name == "pivoting")
+
+
+@pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
-    """Run a test through each of the two exact methods (face enumeration, interior point)."""
-    if request.param == "interior_point":
-        monkeypatch.setattr(min_norm_module, "ENUMERATION_LIMIT", 0)
+    """Run a test through each exact method (face enumeration, pivoting, interior point)."""
+    use_path(monkeypatch, request.param)
     return request.param
 
 
@@ -180,13 +190,13 @@ def test_min_norm_matches_enumeration_and_scipy(path, seed, m, n, degeneracy):
     st.sampled_from(DEGENERACIES),
     st.floats(0.0, 4.0),
 )
-@pytest.mark.parametrize("limit", [0, 2048])
-def test_min_norm_kkt_certificate(limit, seed, m, n, degeneracy, spread):
+@pytest.mark.parametrize("method", PATHS)
+def test_min_norm_kkt_certificate(method, seed, m, n, degeneracy, spread):
     """w is optimal iff it is feasible and (G w)_i >= w^T G w for every i (first-order KKT)."""
     jac = make_jacobian(seed, m, n, degeneracy, spread)
     gram = jac @ jac.T
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(min_norm_module, "ENUMERATION_LIMIT", limit)
+        use_path(patch, method)
         w = min_norm_np(gram)
     scale = max(gram.diagonal().max(), 1e-300)
     assert w.min() >= 0 and abs(w.sum() - 1) < 1e-12
@@ -295,15 +305,15 @@ def test_dual_cone_matches_primal_projection(path, seed, m, n, degeneracy):
 
 @settings(max_examples=25, deadline=None)
 @given(st.integers(0, 10_000), st.integers(1, 8), st.floats(1e-6, 1.0))
-@pytest.mark.parametrize("limit", [0, 2048])
-def test_dual_cone_regularised_matches_scipy(limit, seed, m, reg):
+@pytest.mark.parametrize("method", PATHS)
+def test_dual_cone_regularised_matches_scipy(method, seed, m, reg):
     """With G positive definite (as UPGrad conditions it) the solution v is unique."""
     jac = make_jacobian(seed, m, m + 2, spread=1.0)
     gram = jac @ jac.T
     gram = gram / np.trace(gram) + reg * np.eye(m)
     u = np.random.default_rng(seed).normal(size=m)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(min_norm_module, "ENUMERATION_LIMIT", limit)
+        use_path(patch, method)
         v = dual_cone_weights(torch.tensor(gram), torch.tensor(u)).numpy()
     assert_dual_cone_kkt(gram, u, v, 1e-12 * max(1.0, np.abs(v).max()))
     ref = scipy_dual_cone(gram, u)
@@ -361,9 +371,10 @@ def test_dual_cone_special_cases(path):
         dual_cone_weights(gram, torch.ones(3))
 
 
+@pytest.mark.parametrize("other", ["pivoting", "interior_point"])
 @pytest.mark.parametrize("on_simplex", [True, False])
-def test_enumeration_and_interior_point_agree(on_simplex, monkeypatch):
-    """The two exact methods reach the same optimum on random and degenerate problems."""
+def test_exact_methods_agree(on_simplex, other, monkeypatch):
+    """The exact methods reach the same optimum on random and degenerate problems."""
     for seed, m, n, degeneracy in problems():
         jac = make_jacobian(seed, m, n, degeneracy, spread=1.0)
         gram = jac @ jac.T
@@ -371,8 +382,9 @@ def test_enumeration_and_interior_point_agree(on_simplex, monkeypatch):
         linear = torch.zeros(1, m, dtype=torch.float64)
         if not on_simplex:
             linear = torch.tensor(np.random.default_rng(seed).normal(size=(3, m))) @ quadratic
+        use_path(monkeypatch, "enumeration")
         exact = nonnegative_qp(quadratic, linear, on_simplex)
-        monkeypatch.setattr(min_norm_module, "ENUMERATION_LIMIT", 0)
+        use_path(monkeypatch, other)
         interior = nonnegative_qp(quadratic, linear, on_simplex)
         monkeypatch.undo()
         torch.testing.assert_close(
@@ -385,3 +397,32 @@ def test_enumeration_and_interior_point_agree(on_simplex, monkeypatch):
 
 def qp_objective(quadratic, linear, x):
     return 0.5 * ((x @ quadratic) * x).sum(-1) + (linear * x).sum(-1)
+
+
+@pytest.mark.parametrize("on_simplex", [True, False])
+def test_pivoting_hands_unsolved_problems_to_the_interior_point(on_simplex, monkeypatch):
+    """With no swaps allowed, pivoting solves only the problems its first face answers; the
+    interior point finishes the rest, and the optimum is the enumeration's."""
+    rng = np.random.default_rng(3)
+    jac = rng.normal(size=(6, 10)) + 1.0  # correlated rows: the optimum is on a small face
+    quadratic = torch.tensor(jac @ jac.T / np.max(np.diag(jac @ jac.T)))
+    linear = torch.tensor(rng.normal(size=(5, 6)))
+    if on_simplex:
+        linear = torch.zeros(5, 6, dtype=torch.float64)
+    use_path(monkeypatch, "enumeration")
+    exact = nonnegative_qp(quadratic, linear, on_simplex)
+    use_path(monkeypatch, "pivoting")
+    monkeypatch.setattr(min_norm_module, "PIVOT_LIMIT", 0)
+    calls = []
+    interior = min_norm_module._interior_point
+    monkeypatch.setattr(
+        min_norm_module, "_interior_point", lambda *a: calls.append(1) or interior(*a)
+    )
+    pivoted = nonnegative_qp(quadratic, linear, on_simplex)
+    assert calls, "the interior point should have finished the unsolved problems"
+    torch.testing.assert_close(
+        qp_objective(quadratic, linear, pivoted),
+        qp_objective(quadratic, linear, exact),
+        rtol=0,
+        atol=1e-11,
+    )
