@@ -6,7 +6,15 @@
 """
 
 from .grouping import per_layer, per_network, per_tensor, together
+from .losses import NonFiniteError
 from .optimizer import MultiTaskOptimizer
 
-__all__ = ["MultiTaskOptimizer", "per_layer", "per_network", "per_tensor", "together"]
+__all__ = [
+    "MultiTaskOptimizer",
+    "NonFiniteError",
+    "per_layer",
+    "per_network",
+    "per_tensor",
+    "together",
+]
 __version__ = "0.1.0"

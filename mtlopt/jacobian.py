@@ -73,7 +73,7 @@ class JacobianEngine:
         heads = [x for x, mask in zip(inputs, masks) if single_task(mask) is not None]
         shared = [x for x, mask in zip(inputs, masks) if mask and single_task(mask) is None]
         if shared:
-            head_grads, seeds = _guarded(backward_through_heads, cut, output, heads, n_tasks)
+            head_grads, seeds = guarded(backward_through_heads, cut, output, heads, n_tasks)
             seeded = [(t, rows) for t, rows in zip(cut.targets, seeds) if rows is not None]
             shared_blocks = iter(
                 self.vjp_rows(
@@ -173,10 +173,10 @@ def _grad(
     **options: bool,
 ) -> tuple[Tensor | None, ...]:
     """``torch.autograd.grad`` with a clear message when the graph was already freed."""
-    return _guarded(torch.autograd.grad, outputs, inputs, seeds, retain_graph=retain, **options)
+    return guarded(torch.autograd.grad, outputs, inputs, seeds, retain_graph=retain, **options)
 
 
-def _guarded(function, *args, **kwargs):
+def guarded(function, *args, **kwargs):
     """Call ``function``; a graph freed by an earlier backward gets :data:`FREED_GRAPH`."""
     try:
         return function(*args, **kwargs)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import checkpoint
+from . import checkpoint, loss_only
 from .aggregation import GroupPlan, GroupResult
 from .distributed import average_, resolve_process_group
 from .features import check_features, representation_backward
@@ -323,6 +323,20 @@ class MultiTaskOptimizer(Optimizer):
             for batch in (task_losses, *extra):
                 with torch.enable_grad():
                     batch.output = batch.output * scale.to(batch.output.dtype)
+        if (
+            scaler is None
+            and self._process_group is None
+            and not extra
+            and loss_only.applies(plans)
+        ):
+            try:
+                results = loss_only.backward_into_grad(task_losses, plans, retain_graph)
+            except NonFiniteError as error:
+                return self._skip_non_finite(error, None)
+            with torch.no_grad():
+                self._commit(plans, results, task_losses, None, False, written=True)
+            self._skip_pending = False
+            return True
         with torch.enable_grad():
             jacobian = per_task_gradients(self._engine, task_losses, plans, retain_graph)
             extra_jacobians = [extra_batch_gradients(self._engine, b, plans) for b in extra]
@@ -426,8 +440,11 @@ class MultiTaskOptimizer(Optimizer):
         task_losses: TaskLosses,
         scale: Tensor | None,
         rescale_updates: bool,
+        written: bool = False,
     ) -> None:
-        for result in results.values():
+        """Write the updates into ``.grad`` (unless ``written``: already there), then let
+        the weightings see the step."""
+        for result in results.values() if not written else ():
             for param, update in result.updates:
                 update = update.reshape(param.shape)
                 if rescale_updates:

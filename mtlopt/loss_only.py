@@ -1,0 +1,66 @@
+"""The loss-only step as one ordinary backward, straight into ``.grad``.
+
+When every group's weighting only rescales the losses, and all groups use the same factors
+``c``, every parameter's update is the gradient of ``sum_i c_i L_i``: one plain backward pass,
+which autograd accumulates into ``.grad`` exactly as ``loss.backward()`` does (no copies, no
+bookkeeping per tensor). It is taken only while no parameter has a ``.grad`` yet (after
+``zero_grad()``, the usual case), so that a non-finite result is undone exactly by setting
+the gradients back to None.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .aggregation import GroupPlan, GroupResult
+from .jacobian import guarded
+from .losses import NonFiniteError, TaskLosses
+
+
+def applies(plans: list[GroupPlan]) -> bool:
+    """Whether :func:`backward_into_grad` can serve this step."""
+    if not plans or any(plan.weighting.needs != "losses" for plan in plans):
+        return False
+    first = plans[0].loss_weights
+    if first is None or any(
+        plan.loss_weights is not first and not torch.equal(plan.loss_weights, first)
+        for plan in plans[1:]
+    ):
+        return False
+    return all(p.grad is None for plan in plans for p in plan.params)
+
+
+def backward_into_grad(
+    task_losses: TaskLosses, plans: list[GroupPlan], retain_graph: bool
+) -> dict[int, GroupResult]:
+    """Run the backward; raise NonFiniteError (with every ``.grad`` None again) if a
+    gradient is not finite."""
+    params = [p for plan in plans for p in plan.params]
+    output = task_losses.output
+    weights = plans[0].loss_weights.to(device=output.device, dtype=output.dtype)
+    with torch.enable_grad():
+        guarded(torch.autograd.backward, output, weights, retain_graph=retain_graph, inputs=params)
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads and not _all_finite(grads):
+        for p in params:
+            p.grad = None
+        raise NonFiniteError(
+            "losses: the gradients of the loss-weighted sum are not finite (nan or inf); "
+            "nothing was changed"
+        )
+    return {
+        plan.index: GroupResult(
+            updates=[(p, p.grad) for p in plan.params if p.grad is not None],
+            weights=plan.loss_weights,
+        )
+        for plan in plans
+    }
+
+
+def _all_finite(grads: list[torch.Tensor]) -> bool:
+    # One fused norm per tensor; a norm can overflow on large finite values, so only a
+    # non-finite norm sends the tensors themselves through the exact test.
+    norms = torch._foreach_norm(grads)
+    if bool(torch.isfinite(torch.stack(norms)).all()):
+        return True
+    return all(bool(torch.isfinite(g).all()) for g in grads)

@@ -1,0 +1,107 @@
+"""The loss-only step's direct path: one backward straight into ``.grad`` (mtlopt.loss_only)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mtlopt import MultiTaskOptimizer, NonFiniteError
+from mtlopt import gradients as gradients_module
+from mtlopt.weighting import Constant
+
+from .conftest import Net
+from .references import batch64 as make_batch
+
+WEIGHTS = (0.5, 2.0, 0.25)
+
+
+def reference_grads(net: Net, params: list[torch.Tensor], step: int) -> list[torch.Tensor]:
+    losses = net.losses(*make_batch(step))
+    total = sum(c * loss for c, loss in zip(WEIGHTS, losses))
+    return list(torch.autograd.grad(total, params))
+
+
+def optimizer(net: Net, params: list[torch.Tensor]) -> MultiTaskOptimizer:
+    return MultiTaskOptimizer(torch.optim.SGD(params, lr=0.0), weighting=Constant(WEIGHTS))
+
+
+@pytest.fixture
+def count_general_path(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    general = gradients_module.per_task_gradients
+
+    def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        return general(*args, **kwargs)
+
+    monkeypatch.setattr("mtlopt.optimizer.per_task_gradients", counting)
+    return calls
+
+
+def test_direct_path_writes_the_weighted_sum(count_general_path: list[int]) -> None:
+    torch.manual_seed(0)
+    net = Net().double()
+    params = [*net.encoder.parameters(), *net.heads.parameters()]
+    want = reference_grads(net, params, 0)
+    opt = optimizer(net, params)
+    opt.zero_grad()
+    opt.step(net.losses(*make_batch(0)))
+    assert not count_general_path
+    for p, g in zip(params, want):
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
+    assert opt.last_step[0].weights.tolist() == list(WEIGHTS)
+    assert net.unused.weight.grad is None  # reached by no loss
+
+
+def test_parameter_outside_the_optimizer_gets_no_grad(count_general_path: list[int]) -> None:
+    torch.manual_seed(0)
+    net = Net().double()
+    opt = optimizer(net, list(net.heads.parameters()))  # the encoder is not optimised here
+    opt.zero_grad()
+    opt.step(net.losses(*make_batch(0)))
+    assert not count_general_path
+    assert all(p.grad is None for p in net.encoder.parameters())
+    assert all(p.grad is not None for p in net.heads.parameters())
+
+
+def test_existing_grads_take_the_general_path(count_general_path: list[int]) -> None:
+    torch.manual_seed(0)
+    net = Net().double()
+    params = [*net.encoder.parameters(), *net.heads.parameters()]
+    want = [2 * g for g in reference_grads(net, params, 0)]
+    opt = optimizer(net, params)
+    opt.zero_grad()
+    opt.backward(net.losses(*make_batch(0)))
+    opt.backward(net.losses(*make_batch(0)))  # accumulates, as loss.backward() would
+    assert len(count_general_path) == 1
+    for p, g in zip(params, want):
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
+
+
+class SqrtNet(nn.Module):
+    """Finite losses whose gradient is infinite: sqrt at 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Parameter(torch.tensor([0.0, 1.0], dtype=torch.float64))
+
+    def losses(self) -> list[torch.Tensor]:
+        return [self.shared[0].sqrt(), self.shared[1] ** 2, self.shared.sum()]
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_non_finite_gradient_leaves_everything_untouched(policy: str) -> None:
+    net = SqrtNet()
+    inner = torch.optim.SGD(net.parameters(), lr=0.1)
+    opt = MultiTaskOptimizer(inner, weighting=Constant(WEIGHTS), nonfinite=policy)
+    before = net.shared.detach().clone()
+    opt.zero_grad()
+    if policy == "raise":
+        with pytest.raises(NonFiniteError, match="not finite"):
+            opt.step(net.losses())
+    else:
+        opt.step(net.losses())
+        assert opt.skipped_steps == 1
+    assert net.shared.grad is None
+    assert torch.equal(net.shared.detach(), before)
