@@ -74,15 +74,24 @@ def backward_through_heads(
 
     The graph is kept: stage 2 and the caller's fallback go through it again.
     """
-    captured: list[list[Tensor | None]] = [[None] * n_tasks for _ in cut.targets]
+    # Each task's gradient goes straight into its row of one buffer per target (no stacking
+    # copy); rows that nothing reached are zeroed at the end.
+    buffers: list[Tensor | None] = [None] * len(cut.targets)
+    written: list[set[int]] = [set() for _ in cut.targets]
 
     def recorder(task: int, edges: list[tuple[int, int]]):
         def record(grad_inputs: tuple[Tensor | None, ...], _: object) -> None:
             for position, index in edges:
                 grad = grad_inputs[position]
-                if grad is not None:
-                    previous = captured[index][task]
-                    captured[index][task] = grad if previous is None else previous + grad
+                if grad is None:
+                    continue
+                if buffers[index] is None:
+                    buffers[index] = grad.new_empty((n_tasks, *grad.shape))
+                if task in written[index]:
+                    buffers[index][task] += grad
+                else:
+                    buffers[index][task].copy_(grad)
+                    written[index].add(task)
 
         return record
 
@@ -98,13 +107,9 @@ def backward_through_heads(
     finally:
         for handle in handles:
             handle.remove()
-    rows: list[Tensor | None] = []
-    for per_task in captured:
-        reference = next((grad for grad in per_task if grad is not None), None)
-        if reference is None:
-            rows.append(None)  # nothing crossed here (an op without a gradient for it)
-            continue
-        rows.append(
-            torch.stack([torch.zeros_like(reference) if g is None else g for g in per_task])
-        )
+    for buffer, tasks in zip(buffers, written):
+        for task in range(n_tasks):
+            if buffer is not None and task not in tasks:
+                buffer[task].zero_()
+    rows = buffers  # None where nothing crossed (an op without a gradient for it)
     return list(grads[len(cut.targets) :]), rows
