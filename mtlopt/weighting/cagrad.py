@@ -114,6 +114,7 @@ class CAGrad(Weighting):
         return {"c": self.c, "rescale": self.rescale}
 
     def divisor(self) -> float:
+        """What the update is divided by: 1, ``1 + c^2`` or ``1 + c`` (``rescale`` 0, 1, 2)."""
         return (1.0, 1.0 + self.c**2, 1.0 + self.c)[self.rescale]
 
     def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
