@@ -246,7 +246,9 @@ class MultiTaskOptimizer(Optimizer):
         argument. ``features``: the shared representation, for representation mode (see
         :meth:`backward`). Weightings that read several mini-batches per step (SDMGrad, MoDo) call it
         once per batch; weightings that learn from the loss decrease (FAMO) call it once more
-        after the base step, under ``torch.no_grad()``. Returns the first closure result.
+        after the base step, under ``torch.no_grad()``. A closure that returns None (one that
+        only re-evaluates the model, as Lightning's does after :meth:`backward`) steps on the
+        ``.grad`` already there. Returns the first closure result.
         """
         if callable(losses) and closure is None:
             losses, closure = None, losses
@@ -256,8 +258,13 @@ class MultiTaskOptimizer(Optimizer):
                 raise ValueError("step: pass either losses or a closure, not both")
             with torch.enable_grad():
                 result = closure()
-                extra = [closure() for _ in range(self._n_batches() - 1)]
-            committed = self.backward(result, extra_batches=extra)
+                # A closure returning None (torch's convention, and Lightning's after
+                # opt.backward(losses)) leaves the step to the .grad already there.
+                extra = [] if result is None else [closure() for _ in range(self._n_batches() - 1)]
+            if result is None:
+                committed = not self._skip_pending
+            else:
+                committed = self.backward(result, extra_batches=extra)
         elif losses is not None:
             committed = self.backward(losses, features=features)
         else:
@@ -266,7 +273,7 @@ class MultiTaskOptimizer(Optimizer):
         if not committed:
             return result  # non-finite values under nonfinite="skip": nothing moves
         self.optimizer.step()
-        if closure is not None:
+        if closure is not None and result is not None:
             self._observe_after_step(closure)
         return result
 
@@ -303,6 +310,19 @@ class MultiTaskOptimizer(Optimizer):
         scaler = scaler if scaler is not None and scaler.is_enabled() else None
         task_losses = prepare_losses(losses, check_finite=False)
         extra = [prepare_losses(batch, check_finite=False) for batch in extra_batches]
+        # Called inside an autocast region (Lightning's bf16-mixed runs training_step in
+        # one), the weightings' products would run in half precision: they must not.
+        with torch.autocast(task_losses.output.device.type, enabled=False):
+            return self._backward(task_losses, extra, retain_graph, scaler, features)
+
+    def _backward(
+        self,
+        task_losses: TaskLosses,
+        extra: list[TaskLosses],
+        retain_graph: bool,
+        scaler: torch.amp.GradScaler | None,
+        features: Tensor | None,
+    ) -> bool:
         # Averaged first, so that every rank takes the same decision below.
         average_([t.values for t in (task_losses, *extra)], self._process_group)
         try:
@@ -446,7 +466,7 @@ class MultiTaskOptimizer(Optimizer):
         the weightings see the step."""
         for result in results.values() if not written else ():
             for param, update in result.updates:
-                update = update.reshape(param.shape)
+                update = update.reshape(param.shape).to(param.dtype)
                 if rescale_updates:
                     update = update * scale.to(update.dtype)
                 if param.grad is None:

@@ -20,7 +20,9 @@ class _CrossRecorder(Weighting):
         super().__init__()
         self.seen: list[torch.Tensor] = []
 
-    def weights_from_cross_gramians(self, gramians: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    def weights_from_cross_gramians(
+        self, gramians: torch.Tensor, losses: torch.Tensor
+    ) -> torch.Tensor:
         self.seen.append(gramians.clone())
         # Any deterministic function of the cross terms will do.
         return torch.softmax(gramians[1, 2].diagonal() / gramians[1, 2].diagonal().abs().max(), 0)
@@ -76,7 +78,9 @@ def test_closure_is_called_once_per_batch_and_cross_gramians_match() -> None:
     (cross,) = recorder.seen
     for p in range(3):
         for q in range(3):
-            torch.testing.assert_close(cross[p, q], jacobians[p] @ jacobians[q].T, rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(
+                cross[p, q], jacobians[p] @ jacobians[q].T, rtol=1e-6, atol=1e-9
+            )
     weights = opt.last_step[0].weights
     update = torch.cat([p.grad.reshape(-1) for p in net.encoder.parameters()]).double()
     torch.testing.assert_close(update, weights @ jacobians[0], rtol=1e-5, atol=1e-7)
@@ -92,7 +96,9 @@ def test_multi_batch_weighting_without_closure_is_refused_cleanly() -> None:
     net = Net()
     opt = MultiTaskOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), weighting=_CrossRecorder())
     before = snapshot(net, opt)
-    with pytest.raises(ValueError, match=r"extra_batches: _CrossRecorder.*reads 3 mini-batch\(es\)"):
+    with pytest.raises(
+        ValueError, match=r"extra_batches: _CrossRecorder.*reads 3 mini-batch\(es\)"
+    ):
         opt.step(net.losses(*make_batch(0)))
     assert_same(snapshot(net, opt), before)
 
@@ -143,3 +149,45 @@ def test_non_finite_post_step_losses_skip_the_update_with_a_warning() -> None:
         opt.step(closure)
     observer = opt.param_groups[0]["weighting"]
     assert [flag for flag, _ in observer.calls] == [False]
+
+
+def test_closure_returning_none_steps_on_existing_grads() -> None:
+    """torch's closure convention (and Lightning's after ``backward``): a closure that returns
+    None leaves the step to the ``.grad`` already written."""
+    torch.manual_seed(0)
+    net = Net()
+    x, y = make_batch(0)
+    opt = MultiTaskOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), weighting="upgrad")
+    opt.zero_grad()
+    opt.backward(net.losses(x, y))
+    grads = {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
+    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+    calls = []
+    assert opt.step(closure=lambda: calls.append(1)) is None
+    assert calls == [1]
+    for name, p in net.named_parameters():
+        want = before[name].add(grads[name], alpha=-0.1) if name in grads else before[name]
+        torch.testing.assert_close(p.detach(), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("weighting", ["upgrad", "imtl", "gradvac", "excessmtl", "mean"])
+def test_step_inside_autocast_computes_in_full_precision(weighting: str) -> None:
+    """Inside a bfloat16 autocast region (Lightning's bf16-mixed) the weighting's arithmetic
+    is the same as outside it, and ``.grad`` keeps the parameters' dtype."""
+    x, y = make_batch(0)
+    grads = []
+    for inside in (False, True):
+        torch.manual_seed(0)
+        net = Net()
+        opt = MultiTaskOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), weighting=weighting)
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = [loss.float() for loss in net.losses(x, y)]
+            if inside:
+                opt.backward(losses)
+        if not inside:
+            opt.backward(losses)
+        grads.append([p.grad for p in net.encoder.parameters()])
+    for outside, inside in zip(*grads):
+        assert inside.dtype == torch.float32
+        torch.testing.assert_close(inside, outside, rtol=0, atol=0)
