@@ -363,10 +363,14 @@ def _blocks_for_step(gen, m, step):
     return [a, b]
 
 
+@pytest.mark.parametrize("chunk", [None, 1, 5, 12, 40])
 @pytest.mark.parametrize("n_warmup", [0, 2])
 @pytest.mark.parametrize("eta", [0.5, 1.0])
 @pytest.mark.parametrize("m", [2, 4])
-def test_excessmtl_matches_reference(n_warmup, eta, m):
+def test_excessmtl_matches_reference(n_warmup, eta, m, chunk, monkeypatch):
+    """Also with the blocks cut into chunks of pieces of rows, whole rows and several rows."""
+    if chunk is not None:
+        monkeypatch.setattr("mtlopt.weighting.excess_mtl._CPU_CHUNK_ELEMENTS", chunk)
     gen = torch.Generator().manual_seed(10 * m + n_warmup)
     w = ExcessMTL(robust_step_size=eta, n_warmup_steps=n_warmup)
     ref = ExcessMTLReference(m, 3 * 4 + 5, eta, n_warmup)

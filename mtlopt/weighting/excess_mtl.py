@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -12,6 +13,10 @@ from .base import Weighting, check_positive, check_state_layout, copy_tensor_sta
 
 _SQRT_EPS = 1e-7  # inside the square root of the AdaGrad denominator (Eq. 7)
 _BASELINE_EPS = 1e-7  # added to the baseline before dividing
+# Elements per chunk of a block: on CPU a chunk of J, of S and the work buffer stay in L2, so
+# J and S cross the memory bus once per call; elsewhere chunks only cap the work buffer.
+_CPU_CHUNK_ELEMENTS = 1 << 17
+_DEVICE_CHUNK_ELEMENTS = 1 << 24
 
 
 class ExcessMTL(Weighting):
@@ -45,7 +50,13 @@ class ExcessMTL(Weighting):
         n_warmup_steps: calls before the weights start to move (>= 0).
 
     Memory: ``S`` is as large as the group's shared parameters times ``m`` (it is the size of
-    the Jacobian), kept per tensor and updated in place.
+    the Jacobian), kept per tensor and updated in place. A call makes no other ``m x n``
+    temporary: each block is worked through in cache-sized chunks (see :meth:`excess_risks`).
+
+    Numerics: ``S`` is kept in float32 at least (half-precision sums of squares would
+    overflow or stall). ``e`` is summed in ``S``'s dtype within a chunk (for float32, a BLAS
+    dot: relative error about 1e-7, up to about 1e-6 for heavy-tailed gradients) and across
+    chunks in float64.
     """
 
     needs = "jacobian"
@@ -79,11 +90,6 @@ class ExcessMTL(Weighting):
         m = jacobian[0].shape[0] if jacobian else 0
         device = jacobian[0].device
         self.n_tasks = m
-        # Half-precision sums of squares would overflow or stall: keep them in float32 at least.
-        self.squared_grad_sums = [
-            torch.zeros_like(block, dtype=torch.promote_types(block.dtype, torch.float32))
-            for block in jacobian
-        ]
         self.log_weights = torch.full((m,), -math.log(m), dtype=torch.float64, device=device)
         self.warmup_sum = torch.zeros(m, dtype=torch.float64, device=device)
 
@@ -96,26 +102,87 @@ class ExcessMTL(Weighting):
         sums = self.squared_grad_sums
         assert sums is not None
         device = jacobian[0].device
-        if sums and sums[0].device != device:
-            sums = self.squared_grad_sums = [s.to(device) for s in sums]
+        if any(s.device != device or not s.is_contiguous() for s in sums):
+            # Chunks are taken from a flat [m, numel] view of each sum.
+            sums = [s.to(device).contiguous() for s in sums]
+            self.squared_grad_sums = sums
         return sums
 
     def excess_risks(self, jacobian: list[Tensor]) -> Tensor:
-        """Accumulate ``S`` in place and return ``e`` (Eq. 6) as float64."""
-        sums = self._sums_on_device(jacobian)
+        """Accumulate ``S`` in place and return ``e`` (Eq. 6) as float64.
+
+        Each block is cut into contiguous chunks (whole rows, or pieces of one row) and each
+        chunk does all the work while it is in cache: ``S += J*J`` (which brings the chunk of
+        ``J`` and ``S`` in), then ``J / sqrt(S + 1e-7)`` into a work buffer and its dot with
+        ``J``. So ``J`` and ``S`` are read from memory once per call, and the temporaries are
+        one chunk-sized work buffer per dtype (plus one to cast half-precision chunks up).
+        """
+        fresh = self.squared_grad_sums is None
+        if fresh:
+            # Half-precision sums of squares would overflow or stall: float32 at least. The
+            # first pass writes J*J (= 0 + J*J) into them, so they start uninitialised.
+            sums = [
+                torch.empty(
+                    block.shape,
+                    dtype=torch.promote_types(block.dtype, torch.float32),
+                    device=block.device,
+                )
+                for block in jacobian
+            ]
+        else:
+            sums = self._sums_on_device(jacobian)
         m = jacobian[0].shape[0]
-        risks = torch.zeros(m, dtype=torch.float64, device=jacobian[0].device)
+        device = jacobian[0].device
+        limit = _CPU_CHUNK_ELEMENTS if device.type == "cpu" else _DEVICE_CHUNK_ELEMENTS
+        buffers: dict[tuple[str, torch.dtype], Tensor] = {}
+        views: dict[tuple[str, torch.dtype, torch.Size], Tensor] = {}
+
+        def buffer(kind: str, like: Tensor) -> Tensor:
+            # One buffer per kind and dtype, shared by all blocks and sized for the largest
+            # chunk; its views are kept too (a block's chunks have at most two shapes).
+            key = (kind, like.dtype, like.shape)
+            view = views.get(key)
+            if view is None:
+                if key[:2] not in buffers:
+                    size = max(_largest_chunk(acc.numel() // m, m, limit) for acc in sums)
+                    buffers[key[:2]] = torch.empty(size, dtype=like.dtype, device=device)
+                view = views[key] = buffers[key[:2]][: like.numel()].view(like.shape)
+            return view
+
+        risks = torch.zeros(m, dtype=torch.float64, device=device)
         for block, acc in zip(jacobian, sums):
-            block = block.to(acc.dtype)
-            acc.addcmul_(block, block)
-            scaled = acc.add(_SQRT_EPS).rsqrt_().mul_(block).mul_(block)
-            risks += scaled.reshape(m, -1).sum(1, dtype=torch.float64)
+            width = acc.numel() // m
+            pieces = _pieces_per_row(width, limit)
+            partial = torch.empty(m * pieces, dtype=acc.dtype, device=device)
+            grad_chunks = _chunks(block.reshape(m, width), limit)
+            sum_chunks = _chunks(acc.view(m, width), limit)
+            if grad_chunks[0].dim() == 1:
+                outs: Sequence[Tensor] = partial.unbind(0)
+            else:
+                outs = partial.split([chunk.shape[0] for chunk in grad_chunks])
+            for grads, sq_sums, out in zip(grad_chunks, sum_chunks, outs):
+                if grads.dtype != acc.dtype:
+                    grads = buffer("cast", sq_sums).copy_(grads)
+                scratch = buffer("work", sq_sums)
+                if fresh:
+                    torch.mul(grads, grads, out=sq_sums)
+                else:
+                    sq_sums.addcmul_(grads, grads)
+                torch.add(sq_sums, _SQRT_EPS, out=scratch).sqrt_()
+                torch.div(grads, scratch, out=scratch)  # J / sqrt(S + eps), times J below
+                if scratch.dim() == 1:
+                    torch.dot(scratch, grads, out=out)  # BLAS: no product temporary
+                else:
+                    torch.sum(scratch.mul_(grads), 1, out=out)
+            risks += partial.view(m, pieces).sum(1, dtype=torch.float64)
+        if fresh:
+            self.squared_grad_sums = sums
         return risks
 
     def weights_from_jacobian(self, jacobian: list[Tensor], losses: Tensor) -> Tensor:
         if not jacobian:
             raise ValueError("ExcessMTL needs at least one shared parameter in its group")
-        if self.squared_grad_sums is None:
+        if self.log_weights is None:
             self._initialise(jacobian)
         assert self.log_weights is not None and self.warmup_sum is not None
         if self.log_weights.device != jacobian[0].device:
@@ -168,3 +235,30 @@ class ExcessMTL(Weighting):
             if sums is None
             else [copy_tensor_state(None, s, f"squared_grad_sums[{k}]") for k, s in enumerate(sums)]
         )
+
+
+def _pieces_per_row(width: int, limit: int) -> int:
+    """How many chunks one row of ``width`` elements is cut into (1 if rows are grouped)."""
+    return max(1, -(-width // limit))
+
+
+def _largest_chunk(width: int, rows: int, limit: int) -> int:
+    """Elements in the largest chunk :func:`_chunks` makes of a ``[rows, width]`` block."""
+    pieces = _pieces_per_row(width, limit)
+    if pieces > 1:
+        return -(-width // pieces)
+    return min(rows, max(1, limit // max(width, 1))) * width
+
+
+def _chunks(flat: Tensor, limit: int) -> list[Tensor]:
+    """Contiguous pieces of a contiguous ``[m, width]`` tensor, in memory order: 1-D pieces
+    of a row (whole rows when only one fits in ``limit`` elements), else ``[rows, width]``
+    groups of whole rows. Row chunks rather than column chunks: with power-of-two widths
+    the rows of a column chunk would fall into the same cache sets and evict each other."""
+    width = flat.shape[1]
+    pieces = _pieces_per_row(width, limit)
+    rows_per_chunk = max(1, limit // max(width, 1))
+    if pieces > 1 or rows_per_chunk == 1:
+        size = -(-width // pieces)
+        return [piece for row in flat.unbind(0) for piece in row.split(size)]
+    return list(flat.split(rows_per_chunk, 0))
