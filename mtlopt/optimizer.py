@@ -377,7 +377,8 @@ class MultiTaskOptimizer(Optimizer):
             for plan, blocks in zip(plans, jacobian):
                 plan.split(blocks)
             for plan in plans:
-                plan.weighting.check_layout([block for _, block in plan.shared])
+                shared = [block for _, block in plan.shared]
+                plan.weighting.check_layout(shared, [plan.masks[k] for k, _ in plan.shared])
             results = {
                 plan.index: aggregate(
                     plan, jacobian[k], [e[k] for e in extra_jacobians], task_losses.values

@@ -206,3 +206,34 @@ def test_fallback_after_batched_steps_succeeded() -> None:
         FlakyVmap.fail = False
     for a, b in zip(net.parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_adatask_role_change_in_one_group_leaves_every_group_untouched() -> None:
+    """A tensor that was one task's head and becomes shared is refused before any group's
+    weighting runs (AdaTask's per-task moments for it do not exist)."""
+    torch.manual_seed(0)
+    net = Net()
+    switch = torch.nn.Linear(8, 1)
+    base = torch.optim.SGD(
+        [
+            {"params": net.encoder.parameters(), "weighting": GradVac()},
+            {"params": switch.parameters(), "weighting": "adatask"},
+            {"params": net.heads.parameters()},
+        ],
+        lr=0.1,
+    )
+    opt = MultiTaskOptimizer(base)
+
+    def losses(step: int, share: bool) -> list[torch.Tensor]:
+        x, y = make_batch(step)
+        z = net.encoder(x)
+        extra = switch(z).pow(2).mean()
+        out = net.losses(x, y)
+        return [out[0] + extra, out[1] + (extra if share else 0.0), out[2]]
+
+    opt.step(losses(0, share=False))
+    opt.zero_grad()
+    before = snapshot(net, opt)
+    with pytest.raises(ValueError, match="was a task head"):
+        opt.step(losses(1, share=True))
+    assert_same(snapshot(net, opt), before)

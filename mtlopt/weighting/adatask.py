@@ -86,10 +86,20 @@ class AdaTask(Weighting):
     def hyperparameters(self) -> dict[str, Any]:
         return {"betas": self.betas, "eps": self.eps}
 
-    def check_layout(self, jacobian: list[Tensor]) -> None:
+    def check_layout(self, jacobian: list[Tensor], masks: list[int] | None = None) -> None:
         # Heads keep one row of moments, shared tensors m: compare the tensors' own shapes.
         holder = "AdaTask keeps Adam moments (each tensor must be reached by some loss)"
         check_state_layout(holder, self.exp_avg, jacobian, per_row=False)
+        if self.exp_avg is None or masks is None or not jacobian:
+            return
+        m = jacobian[0].shape[0]
+        for index, (moment, mask) in enumerate(zip(self.exp_avg, masks)):
+            if moment.shape[0] == 1 and m > 1 and single_task(mask) is None:
+                raise ValueError(
+                    f"AdaTask: tensor {index} of its group was a task head (reached by one loss) "
+                    f"at the first step and is now reached by several (task mask {mask:#b}); "
+                    "its per-task moments do not exist. Keep each tensor's role fixed"
+                )
 
     def _prepare(
         self, jacobian: list[Tensor], masks: list[int]
@@ -102,14 +112,7 @@ class AdaTask(Weighting):
                 block.new_zeros((r, *block.shape[1:])) for r, block in zip(rows, jacobian)
             ]
             self.exp_avg_sq = [torch.zeros_like(moment) for moment in self.exp_avg]
-        self.check_layout(jacobian)
-        for index, (moment, mask) in enumerate(zip(self.exp_avg, masks)):
-            if moment.shape[0] == 1 and m > 1 and single_task(mask) is None:
-                raise ValueError(
-                    f"AdaTask: tensor {index} of its group was a task head (reached by one loss) "
-                    f"at the first step and is now reached by several (task mask {mask:#b}); "
-                    "its per-task moments do not exist. Keep each tensor's role fixed"
-                )
+        self.check_layout(jacobian, masks)
         self.exp_avg = follow_blocks(self.exp_avg, jacobian)
         self.exp_avg_sq = follow_blocks(self.exp_avg_sq, jacobian)
         return self.exp_avg, self.exp_avg_sq

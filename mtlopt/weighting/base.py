@@ -107,12 +107,13 @@ class Weighting:
         weights = self.weights_from_jacobian(jacobian, losses)
         return [combine(weights, block) for block in jacobian], weights
 
-    def check_layout(self, jacobian: list[Tensor]) -> None:
+    def check_layout(self, jacobian: list[Tensor], masks: list[int] | None = None) -> None:
         """Raise ValueError if per-tensor state does not fit the group's shared tensors.
 
         Called for every group before any weighting runs, so a misfit in one group cannot
-        leave another group's state half-updated. Weightings without per-tensor state
-        accept anything.
+        leave another group's state half-updated. ``masks`` are the tensors' task masks (bit
+        i: task i reaches it), where the caller knows them. Weightings without per-tensor
+        state accept anything.
         """
 
     def weights_from_cross_gramians(self, gramians: Tensor, losses: Tensor) -> Tensor:

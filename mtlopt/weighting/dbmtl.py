@@ -73,7 +73,7 @@ class DBMTL(Weighting):
         check_losses_above(losses, 0.0, "DBMTL", False, "non-negative losses")
         return 1.0 / (losses + _LOG_EPS)
 
-    def check_layout(self, jacobian: list[Tensor]) -> None:
+    def check_layout(self, jacobian: list[Tensor], masks: list[int] | None = None) -> None:
         check_state_layout("DBMTL keeps gradient buffers", self.buffers, jacobian)
 
     def _buffers_for(self, jacobian: list[Tensor]) -> list[Tensor]:

@@ -93,7 +93,7 @@ class ExcessMTL(Weighting):
         self.log_weights = torch.full((m,), -math.log(m), dtype=torch.float64, device=device)
         self.warmup_sum = torch.zeros(m, dtype=torch.float64, device=device)
 
-    def check_layout(self, jacobian: list[Tensor]) -> None:
+    def check_layout(self, jacobian: list[Tensor], masks: list[int] | None = None) -> None:
         holder = "ExcessMTL keeps squared-gradient sums"
         check_state_layout(holder, self.squared_grad_sums, jacobian)
 

@@ -111,7 +111,7 @@ class MoCo(Weighting):
             "gradient_normalization": self.gradient_normalization,
         }
 
-    def check_layout(self, jacobian: list[Tensor]) -> None:
+    def check_layout(self, jacobian: list[Tensor], masks: list[int] | None = None) -> None:
         check_state_layout("MoCo keeps gradient tracks", self.tracked, jacobian)
 
     # ------------------------------------------------------------------ helpers
