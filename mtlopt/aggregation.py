@@ -25,6 +25,17 @@ class GroupPlan:
     shared: list[tuple[int, Tensor]] = field(default_factory=list)
     #: After :meth:`split`: the updates of the task heads (parameter, its task's gradient).
     head_updates: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    #: After :meth:`compute_gramian`: ``J J^T`` of the (loss-weighted) shared tensors.
+    gramian: Tensor | None = None
+
+    def compute_gramian(self) -> None:
+        """The Gramian of a weighting that reads one, ahead of any weighting (the optimizer
+        checks its diagonal for non-finite rows instead of reading the blocks again)."""
+        self.gramian = None
+        if self.shared and self.weighting.needs == "gramian" and self.weighting.n_batches == 1:
+            self.gramian = gramian(
+                [scale_rows(block, self.loss_weights) for _, block in self.shared]
+            )
 
     def split(self, jacobian: list[Tensor | None]) -> None:
         """Sort the group's per-task blocks into shared tensors and task heads.
@@ -109,7 +120,7 @@ def aggregate_per_task(plan: GroupPlan, losses: Tensor) -> GroupResult:
         blocks = [scale_rows(block, plan.loss_weights) for _, block in plan.shared]
         params = [plan.params[position] for position, _ in plan.shared]
         if plan.weighting.needs == "gramian":
-            product = gramian(blocks)
+            product = gramian(blocks) if plan.gramian is None else plan.gramian
             weights = plan.weighting.weights_from_gramian(product, losses)
             combined = [combine(weights, block) for block in blocks]
         else:

@@ -131,13 +131,32 @@ def nonfinite_rows(jacobians: list[Jacobian]) -> list[int]:
     some sum is not finite, which large finite values can also cause, are the entries
     themselves inspected.
     """
-    blocks = [block.reshape(block.shape[0], -1) for block in blocks_of(jacobians)]
-    if not blocks:
+    return _nonfinite_rows([], blocks_of(jacobians), blocks_of(jacobians))
+
+
+def nonfinite_tasks(plans: list[GroupPlan], jacobian: Jacobian, extra: list[Jacobian]) -> list[int]:
+    """:func:`nonfinite_rows` after :meth:`GroupPlan.compute_gramian`: a Gramian's diagonal
+    ``sum_k J_ik^2`` is not finite when row ``i`` of its blocks is not, so those blocks are
+    not read again; the others (task heads, Jacobian weightings, extra batches) are."""
+    gramians, covered = [], set()
+    for plan in plans:
+        if plan.gramian is not None:
+            gramians.append(plan.gramian.diagonal())
+            covered.update(id(block) for _, block in plan.shared)
+    every = blocks_of([jacobian, *extra])
+    rest = [block for block in every if id(block) not in covered]
+    return _nonfinite_rows(gramians, rest, every)
+
+
+def _nonfinite_rows(
+    diagonals: list[Tensor], blocks: list[Tensor], every: list[Tensor]
+) -> list[int]:
+    sums = [block.reshape(block.shape[0], -1).sum(1, dtype=torch.float32) for block in blocks]
+    sums += [d.to(torch.float32) for d in diagonals]
+    if not sums or bool(torch.isfinite(torch.stack(sums)).all()):
         return []
-    sums = torch.stack([block.sum(1, dtype=torch.float32) for block in blocks])
-    if bool(torch.isfinite(sums).all()):
-        return []
-    finite = torch.stack([torch.isfinite(block).all(1) for block in blocks]).all(0)
+    flat = [block.reshape(block.shape[0], -1) for block in every]
+    finite = torch.stack([torch.isfinite(block).all(1) for block in flat]).all(0)
     return [i for i, ok in enumerate(finite.tolist()) if not ok]
 
 

@@ -23,7 +23,7 @@ from .gradients import (
     check_batches,
     extra_batch_gradients,
     needs_per_task,
-    nonfinite_rows,
+    nonfinite_tasks,
     per_task_gradients,
 )
 from .jacobian import JacobianEngine
@@ -362,7 +362,14 @@ class MultiTaskOptimizer(Optimizer):
             extra_jacobians = [extra_batch_gradients(self._engine, b, plans) for b in extra]
         with torch.no_grad():
             average_(blocks_of([jacobian, *extra_jacobians]), self._process_group)
-            bad = nonfinite_rows([jacobian, *extra_jacobians])
+            unscale = scale is not None and needs_per_task(plans)
+            if unscale:  # an overflow stays inf: the check below still sees it
+                for block in blocks_of([jacobian, *extra_jacobians]):
+                    block.div_(scale.to(block.dtype))
+            for plan, blocks in zip(plans, jacobian):
+                plan.split(blocks)
+                plan.compute_gramian()
+            bad = nonfinite_tasks(plans, jacobian, extra_jacobians)
             if bad:
                 what = f"task(s) {bad}" if needs_per_task(plans) else "the loss-weighted gradient"
                 error = NonFiniteError(
@@ -370,12 +377,6 @@ class MultiTaskOptimizer(Optimizer):
                     "nothing was changed"
                 )
                 return self._skip_non_finite(error, scaler)
-            unscale = scale is not None and needs_per_task(plans)
-            if unscale:
-                for block in blocks_of([jacobian, *extra_jacobians]):
-                    block.div_(scale.to(block.dtype))
-            for plan, blocks in zip(plans, jacobian):
-                plan.split(blocks)
             for plan in plans:
                 shared = [block for _, block in plan.shared]
                 plan.weighting.check_layout(shared, [plan.masks[k] for k, _ in plan.shared])
