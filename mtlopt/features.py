@@ -20,7 +20,7 @@ import copy
 import torch
 from torch import Tensor
 
-from .aggregation import GroupPlan, GroupResult, gramian, scale_rows
+from .aggregation import GroupPlan, GroupResult, gramian
 from .gradients import nonfinite_rows
 from .jacobian import JacobianEngine
 from .losses import NonFiniteError, TaskLosses
@@ -72,7 +72,11 @@ def representation_backward(
     z_jacobian, above_blocks = blocks[0], dict(zip(map(id, above), blocks[1:]))
     if z_jacobian is None:
         raise ValueError("features: no loss depends on the representation passed as features")
-    if nonfinite_rows([[[z_jacobian, *blocks[1:]]]]):
+    # The representation's Gramian once: its diagonal is the finiteness check of z's
+    # gradients, and each group's (loss-weighted) Gramian is a rescaling of it.
+    z_gramian = gramian([z_jacobian])
+    heads = [block for block in blocks[1:] if block is not None]
+    if not bool(torch.isfinite(z_gramian.diagonal()).all()) or nonfinite_rows([[heads]]):
         raise NonFiniteError(
             "losses: the per-task gradients of the representation are not finite; "
             "nothing was changed"
@@ -91,7 +95,7 @@ def representation_backward(
             assert scale is not None, f"{plan.weighting!r} returned no loss weights"
             weights, product = scale, None
         else:
-            product = gramian([scale_rows(z_jacobian, scale)])
+            product = z_gramian if scale is None else z_gramian * torch.outer(scale, scale)
             weights = plan.weighting.weights_from_gramian(product, task_losses.values)
         applied = (
             weights if (scale is None or plan.weighting.needs == "losses") else weights * scale

@@ -75,11 +75,14 @@ class JacobianEngine:
         if shared:
             head_grads, seeds = guarded(backward_through_heads, cut, output, heads, n_tasks)
             seeded = [(t, rows) for t, rows in zip(cut.targets, seeds) if rows is not None]
-            shared_blocks = iter(
-                self.vjp_rows(
-                    [t for t, _ in seeded], [rows for _, rows in seeded], shared, retain_graph
+            if _is_the_only_target(shared, seeded):  # the representation itself, say
+                shared_blocks = iter([seeded[0][1]])
+            else:
+                shared_blocks = iter(
+                    self.vjp_rows(
+                        [t for t, _ in seeded], [rows for _, rows in seeded], shared, retain_graph
+                    )
                 )
-            )
         else:  # only task heads: one ordinary backward of the sum gives every block
             head_grads = list(
                 _grad(output, heads, torch.ones_like(output), True, allow_unused=True)
@@ -157,6 +160,16 @@ class JacobianEngine:
             )
             return blocks
         return blocks
+
+
+def _is_the_only_target(
+    shared: Sequence[Tensor], seeded: list[tuple[GradientEdge, Tensor]]
+) -> bool:
+    """Whether the one shared input is the one cut target: its rows are then the seeds."""
+    if len(shared) != 1 or len(seeded) != 1 or shared[0].grad_fn is None:
+        return False
+    target = seeded[0][0]
+    return target.node is shared[0].grad_fn and target.output_nr == shared[0].output_nr
 
 
 FREED_GRAPH = (
