@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,9 @@ pdoc = pytest.importorskip("pdoc")
 MODULES = ["mtlopt", "mtlopt.weighting", "mtlopt.solvers", "mtlopt.aggregation", "mtlopt.grouping"]
 
 
+FIGURES = Path(__file__).resolve().parent.parent / "examples" / "figures"
+
+
 def test_reference_builds_without_warnings(tmp_path: Path) -> None:
     pdoc.render.configure(docformat="restructuredtext")
     with warnings.catch_warnings():
@@ -23,6 +27,11 @@ def test_reference_builds_without_warnings(tmp_path: Path) -> None:
     pages = {module: tmp_path / (module.replace(".", "/") + ".html") for module in MODULES}
     for module, page in pages.items():
         assert page.is_file(), module
+    # The package page shows the examples' figures (the docs command copies them beside it).
+    shown = re.findall(r'<img src="([^"]+)"', pages["mtlopt"].read_text())
+    assert len(shown) == 4, shown
+    for source in shown:
+        assert (FIGURES.parent.parent / source).is_file(), f"missing figure {source}"
     weighting = importlib.import_module("mtlopt.weighting")
     text = pages["mtlopt.weighting"].read_text()
     missing = [name for name in weighting.__all__ if f'id="{name}"' not in text]

@@ -54,9 +54,8 @@ class ExcessMTL(Weighting):
     temporary: each block is worked through in cache-sized chunks (see :meth:`excess_risks`).
 
     Numerics: ``S`` is kept in float32 at least (half-precision sums of squares would
-    overflow or stall). ``e`` is summed in ``S``'s dtype within a chunk (for float32, a BLAS
-    dot: relative error about 1e-7, up to about 1e-6 for heavy-tailed gradients) and across
-    chunks in float64.
+    overflow or stall). ``e`` is summed in float64 (its products in ``S``'s dtype), as the
+    weights integrate it over the whole run.
     """
 
     needs = "jacobian"
@@ -113,7 +112,7 @@ class ExcessMTL(Weighting):
 
         Each block is cut into contiguous chunks (whole rows, or pieces of one row) and each
         chunk does all the work while it is in cache: ``S += J*J`` (which brings the chunk of
-        ``J`` and ``S`` in), then ``J / sqrt(S + 1e-7)`` into a work buffer and its dot with
+        ``J`` and ``S`` in), then ``J / sqrt(S + 1e-7)`` into a work buffer and its product with
         ``J``. So ``J`` and ``S`` are read from memory once per call, and the temporaries are
         one chunk-sized work buffer per dtype (plus one to cast half-precision chunks up).
         """
@@ -153,7 +152,7 @@ class ExcessMTL(Weighting):
         for block, acc in zip(jacobian, sums):
             width = acc.numel() // m
             pieces = _pieces_per_row(width, limit)
-            partial = torch.empty(m * pieces, dtype=acc.dtype, device=device)
+            partial = torch.empty(m * pieces, dtype=torch.float64, device=device)
             grad_chunks = _chunks(block.reshape(m, width), limit)
             sum_chunks = _chunks(acc.view(m, width), limit)
             if grad_chunks[0].dim() == 1:
@@ -171,10 +170,12 @@ class ExcessMTL(Weighting):
                 torch.add(sq_sums, _SQRT_EPS, out=scratch).sqrt_()
                 torch.div(grads, scratch, out=scratch)  # J / sqrt(S + eps), times J below
                 if scratch.dim() == 1:
-                    torch.dot(scratch, grads, out=out)  # BLAS: no product temporary
+                    # Summed in float64: e feeds an exponentiated update every step, and
+                    # float32 sums (relative error ~1e-7) drift visibly over a training run.
+                    torch.sum(scratch.mul_(grads), 0, dtype=torch.float64, out=out)
                 else:
-                    torch.sum(scratch.mul_(grads), 1, out=out)
-            risks += partial.view(m, pieces).sum(1, dtype=torch.float64)
+                    torch.sum(scratch.mul_(grads), 1, dtype=torch.float64, out=out)
+            risks += partial.view(m, pieces).sum(1)
         if fresh:
             self.squared_grad_sums = sums
         return risks
