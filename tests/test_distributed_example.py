@@ -1,0 +1,26 @@
+"""The torchrun example: two gloo processes train to the same parameters and state."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "distributed.py"
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+@pytest.mark.parametrize("weighting", ["gradvac", "upgrad"])
+def test_torchrun_example_keeps_ranks_identical(weighting: str) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += [str(EXAMPLE), "--steps", "60", "--weighting", weighting]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "identical on every rank: True" in done.stdout
+    losses = re.findall(r"test loss\s+([\d.]+) ->\s+([\d.]+)", done.stdout)
+    assert len(losses) == 3
+    assert all(float(after) < float(before) for before, after in losses), losses
