@@ -18,7 +18,7 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "distributed.py"
 def test_torchrun_example_keeps_ranks_identical(weighting: str) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     command += [str(EXAMPLE), "--steps", "60", "--weighting", weighting]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "identical on every rank: True" in done.stdout
     losses = re.findall(r"test loss\s+([\d.]+) ->\s+([\d.]+)", done.stdout)
