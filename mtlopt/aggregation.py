@@ -33,9 +33,8 @@ class GroupPlan:
         checks its diagonal for non-finite rows instead of reading the blocks again)."""
         self.gramian = None
         if self.shared and self.weighting.needs == "gramian" and self.weighting.n_batches == 1:
-            self.gramian = gramian(
-                [scale_rows(block, self.loss_weights) for _, block in self.shared]
-            )
+            product = gramian([block for _, block in self.shared])
+            self.gramian = scale_gramian(product, self.loss_weights)
 
     def split(self, jacobian: list[Tensor | None]) -> None:
         """Sort the group's per-task blocks into shared tensors and task heads.
@@ -105,6 +104,12 @@ def _matmul_ready(flat: Tensor) -> Tensor:
     return flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat
 
 
+def scale_gramian(product: Tensor, scale: Tensor | None) -> Tensor:
+    """The Gramian of the rows scaled by ``scale`` (the loss weights): ``D G D``, with no
+    scaled copy of the blocks."""
+    return product if scale is None else product * torch.outer(scale, scale).to(product.dtype)
+
+
 def scale_rows(block: Tensor, scale: Tensor | None) -> Tensor:
     """Row ``i`` of ``block`` times ``scale[i]`` (the loss weights), or ``block`` itself."""
     if scale is None:
@@ -117,13 +122,17 @@ def aggregate_per_task(plan: GroupPlan, losses: Tensor) -> GroupResult:
     updates = list(plan.head_updates)
     weights = product = None
     if plan.shared:
-        blocks = [scale_rows(block, plan.loss_weights) for _, block in plan.shared]
         params = [plan.params[position] for position, _ in plan.shared]
         if plan.weighting.needs == "gramian":
-            product = gramian(blocks) if plan.gramian is None else plan.gramian
+            if plan.gramian is None:
+                plan.compute_gramian()
+            product = plan.gramian
             weights = plan.weighting.weights_from_gramian(product, losses)
-            combined = [combine(weights, block) for block in blocks]
+            # sum_i w_i (c_i g_i) = sum_i (w_i c_i) g_i: the loss weights need no scaled copy.
+            applied = weights if plan.loss_weights is None else weights * plan.loss_weights
+            combined = [combine(applied, block) for _, block in plan.shared]
         else:
+            blocks = [scale_rows(block, plan.loss_weights) for _, block in plan.shared]
             masks = [plan.masks[position] for position, _ in plan.shared]
             combined, weights = plan.weighting.update_from_jacobian(blocks, losses, masks)
         updates.extend(zip(params, combined))

@@ -20,7 +20,7 @@ import copy
 import torch
 from torch import Tensor
 
-from .aggregation import GroupPlan, GroupResult, gramian
+from .aggregation import GroupPlan, GroupResult, gramian, scale_gramian
 from .gradients import nonfinite_rows
 from .jacobian import JacobianEngine
 from .losses import NonFiniteError, TaskLosses
@@ -95,7 +95,7 @@ def representation_backward(
             assert scale is not None, f"{plan.weighting!r} returned no loss weights"
             weights, product = scale, None
         else:
-            product = z_gramian if scale is None else z_gramian * torch.outer(scale, scale)
+            product = scale_gramian(z_gramian, scale)
             weights = plan.weighting.weights_from_gramian(product, task_losses.values)
         applied = (
             weights if (scale is None or plan.weighting.needs == "losses") else weights * scale

@@ -131,7 +131,8 @@ def nonfinite_rows(jacobians: list[Jacobian]) -> list[int]:
     some sum is not finite, which large finite values can also cause, are the entries
     themselves inspected.
     """
-    return _nonfinite_rows([], blocks_of(jacobians), blocks_of(jacobians))
+    blocks = blocks_of(jacobians)
+    return _nonfinite_rows([], blocks, blocks)
 
 
 def nonfinite_tasks(plans: list[GroupPlan], jacobian: Jacobian, extra: list[Jacobian]) -> list[int]:

@@ -468,7 +468,7 @@ class MultiTaskOptimizer(Optimizer):
         the weightings see the step."""
         for result in results.values() if not written else ():
             for param, update in result.updates:
-                update = update.reshape(param.shape).to(param.dtype)
+                update = update.reshape(param.shape)
                 if rescale_updates:
                     update = update * scale.to(update.dtype)
                 if param.grad is None:
