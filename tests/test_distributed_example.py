@@ -16,7 +16,15 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "distributed.py"
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
 @pytest.mark.parametrize("weighting", ["gradvac", "upgrad"])
 def test_torchrun_example_keeps_ranks_identical(weighting: str) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    # --standalone: rendezvous on a free port, so a busy default port cannot fail the test.
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
     command += [str(EXAMPLE), "--steps", "60", "--weighting", weighting]
     done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
