@@ -121,6 +121,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"rank {rank}: the ranks diverged")
         return {"before": before, "after": after, "identical": identical, "world": world}
     finally:
+        # Both ranks reach this point before either tears its side down (a rank that leaves
+        # while the other still talks to the store makes the other abort).
+        dist.barrier()
         dist.destroy_process_group()
 
 
