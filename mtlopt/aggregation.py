@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .reachability import single_task
+from .row_products import row_products
 from .weighting.base import Weighting, combine
 
 
@@ -66,7 +67,8 @@ class GroupPlan:
 class GroupResult:
     """What one group's step produced (kept for logging, no recomputation needed)."""
 
-    updates: list[tuple[Tensor, Tensor]]  #: (parameter, gradient to accumulate)
+    #: (parameter, gradient to accumulate); emptied once written into ``.grad``
+    updates: list[tuple[Tensor, Tensor]]
     weights: Tensor | None  #: task weights applied to the shared parameters (float64)
     #: ``J J^T`` of the shared parameters, when the weighting read it (float64)
     gramian: Tensor | None = None
@@ -96,7 +98,7 @@ def gramian(blocks: list[Tensor], others: list[Tensor] | None = None) -> Tensor:
     for k, block in enumerate(blocks):
         flat = _matmul_ready(block.reshape(m, -1))
         other = flat if others is None else _matmul_ready(others[k].reshape(m, -1))
-        total += (flat @ other.T).to(torch.float64)
+        total += row_products(flat, other).to(torch.float64)
     return total
 
 

@@ -21,10 +21,9 @@ import torch
 from torch import Tensor
 
 from .aggregation import GroupPlan, GroupResult, gramian, scale_gramian
-from .gradients import nonfinite_rows
 from .jacobian import JacobianEngine
-from .losses import NonFiniteError, TaskLosses
-from .reachability import GraphMasks, task_masks
+from .losses import NonFiniteError, TaskLosses, all_finite
+from .reachability import GraphMasks, single_task
 from .weighting.base import combine
 
 
@@ -58,65 +57,109 @@ def representation_backward(
 ) -> dict[int, GroupResult]:
     """The groups' updates, with the weightings run on the representation's Gramian.
 
-    Parameters that ``features`` depends on (below it) get the backward pass of each
-    group's ``d_z``; the others (above it: heads, shared layers after the representation)
-    get their per-task gradients combined as in the ordinary mode.
+    Parameters above ``features`` (task heads, shared layers after the representation) get
+    their per-task gradients combined as in the ordinary mode; the others get the backward
+    pass of each group's ``d_z`` from the representation (None if it does not reach them).
+    Only the graph above the representation is walked: the encoder's is left to autograd.
     """
-    params = [p for plan in plans for p in plan.params]
-    below_masks = task_masks([features.grad_fn], params)
-    above = [p for p, mask in zip(params, below_masks) if mask == 0]
-    is_below = {id(p) for p, mask in zip(params, below_masks) if mask != 0}
-    graph = GraphMasks(task_losses.roots)
-    with torch.enable_grad():
-        blocks = engine.task_rows(task_losses.output, graph, [features, *above], True)
-    z_jacobian, above_blocks = blocks[0], dict(zip(map(id, above), blocks[1:]))
-    if z_jacobian is None:
+    graph = GraphMasks(task_losses.roots, stop=features.grad_fn)
+    params = list(dict.fromkeys(p for plan in plans for p in plan.params))
+    above = [p for p, mask in zip(params, graph.of(params)) if mask]
+    z_mask = graph.of([features])[0]
+    if not z_mask:
         raise ValueError("features: no loss depends on the representation passed as features")
+    masks = dict(zip(map(id, above), graph.of(above)))
+    with torch.enable_grad():
+        blocks = engine.task_rows(
+            task_losses.output, graph, [features, *above], True, [z_mask, *masks.values()], False
+        )
+    z_jacobian, above_blocks = blocks[0], dict(zip(map(id, above), blocks[1:]))
     # The representation's Gramian once: its diagonal is the finiteness check of z's
     # gradients, and each group's (loss-weighted) Gramian is a rescaling of it.
     z_gramian = gramian([z_jacobian])
-    heads = [block for block in blocks[1:] if block is not None]
-    if not bool(torch.isfinite(z_gramian.diagonal()).all()) or nonfinite_rows([[heads]]):
+    above_grads = [block for block in blocks[1:] if block is not None]
+    if not all_finite(above_grads, also=z_gramian.diagonal()):
         raise NonFiniteError(
             "losses: the per-task gradients of the representation are not finite; "
             "nothing was changed"
         )
-    masks = dict(zip(map(id, above), graph.of(above)))
     results: dict[int, GroupResult] = {}
-    directions: list[tuple[GroupPlan, list[Tensor], Tensor]] = []
+    directions: list[tuple[GroupPlan, Tensor]] = []
     # Gramian and loss weightings keep small state: a copy restores it if a gradient below
     # the representation turns out not finite.
     saved = [(plan.weighting, copy.deepcopy(plan.weighting.state_dict())) for plan in plans]
     for plan in plans:
-        plan.masks = [masks.get(id(p), 0) for p in plan.params]
-        plan.split([above_blocks.get(id(p)) for p in plan.params])
         scale = plan.loss_weights
         if plan.weighting.needs == "losses":
             assert scale is not None, f"{plan.weighting!r} returned no loss weights"
-            weights, product = scale, None
+            weights, product, applied = scale, None, scale
         else:
             product = scale_gramian(z_gramian, scale)
             weights = plan.weighting.weights_from_gramian(product, task_losses.values)
-        applied = (
-            weights if (scale is None or plan.weighting.needs == "losses") else weights * scale
+            applied = weights if scale is None else weights * scale
+        results[plan.index] = GroupResult(
+            updates=_above_updates(plan, masks, above_blocks, scale, applied),
+            weights=weights,
+            gramian=product,
         )
-        updates = list(plan.head_updates)
-        updates.extend((plan.params[k], combine(applied, block)) for k, block in plan.shared)
-        results[plan.index] = GroupResult(updates=updates, weights=weights, gramian=product)
-        below = [p for p in plan.params if id(p) in is_below]
-        if below:
-            directions.append((plan, below, combine(applied, z_jacobian)))
+        directions.append((plan, combine(applied, z_jacobian)))
+    try:
+        _add_below_updates(directions, features, masks, results, retain_graph)
+    except Exception:
+        for weighting, state in saved:
+            weighting.load_state_dict(state)
+        raise
+    return results
+
+
+def _above_updates(
+    plan: GroupPlan,
+    masks: dict[int, int],
+    blocks: dict[int, Tensor | None],
+    scale: Tensor | None,
+    applied: Tensor,
+) -> list[tuple[Tensor, Tensor]]:
+    """A task head gets its task's gradient (times its loss weight); a shared parameter
+    above the representation gets its rows combined with the group's weights."""
+    updates = []
+    for param in plan.params:
+        block = blocks.get(id(param))
+        if block is None:
+            continue
+        task = single_task(masks[id(param)])
+        if task is None:
+            updates.append((param, combine(applied, block)))
+        else:
+            updates.append((param, block if scale is None else block * scale[task].to(block.dtype)))
+    return updates
+
+
+def _add_below_updates(
+    directions: list[tuple[GroupPlan, Tensor]],
+    features: Tensor,
+    above: dict[int, int],
+    results: dict[int, GroupResult],
+    retain_graph: bool,
+) -> None:
+    """Send each group's ``d_z`` through the encoder to the group's parameters below it."""
     with torch.enable_grad():
-        for k, (plan, below, d_z) in enumerate(directions):
+        for k, (plan, d_z) in enumerate(directions):
             keep = retain_graph or k < len(directions) - 1
-            grads = torch.autograd.grad(features, below, d_z, retain_graph=keep, allow_unused=True)
-            reached = [(p, g) for p, g in zip(below, grads) if g is not None]
-            if nonfinite_rows([[[g.unsqueeze(0) for _, g in reached]]]):
-                for weighting, state in saved:
-                    weighting.load_state_dict(state)
+            grads = torch.autograd.grad(
+                features, plan.params, d_z, retain_graph=keep, allow_unused=True
+            )
+            reached = [(p, g) for p, g in zip(plan.params, grads) if g is not None]
+            crossing = [p for p, _ in reached if id(p) in above]
+            if crossing:
+                raise ValueError(
+                    f"features: {len(crossing)} parameter(s) of group {plan.index} (shape "
+                    f"{tuple(crossing[0].shape)}, ...) reach the losses both through the "
+                    "representation and around it; pass as features a tensor that every "
+                    "path from the encoder to the losses goes through"
+                )
+            if not all_finite([g for _, g in reached]):
                 raise NonFiniteError(
                     "losses: the gradients below the representation are not finite; "
                     "nothing was changed"
                 )
             results[plan.index].updates.extend(reached)
-    return results

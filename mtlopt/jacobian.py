@@ -55,6 +55,7 @@ class JacobianEngine:
         inputs: Sequence[Tensor],
         retain_graph: bool = False,
         masks: Sequence[int] | None = None,
+        heads_as_rows: bool = True,
     ) -> Blocks:
         """Per-task gradients: ``[m, *x.shape]`` per input (row i: loss i), None where no
         loss reaches the input.
@@ -63,13 +64,19 @@ class JacobianEngine:
         their graph; ``masks`` (``graph.of(inputs)``) spares recomputing it. Where the tasks
         have graphs of their own above a shared part, the rows are split at the cut (see
         :mod:`mtlopt.task_cut`): one pass through the heads, m through the shared layers.
+        ``heads_as_rows=False``: an input that one task reaches (a task head) gets that
+        task's gradient alone, ``x.shape``, not a block of rows that are zero but one.
         """
         masks = graph.of(inputs) if masks is None else masks
         n_tasks = output.shape[0]
         cut = find_cut(graph) if n_tasks > 1 else None
         if cut is None:
             eye = torch.eye(n_tasks, dtype=output.dtype, device=output.device)
-            return self.rows_vjp(output, inputs, eye, retain_graph, [m != 0 for m in masks])
+            blocks = self.rows_vjp(output, inputs, eye, retain_graph, [m != 0 for m in masks])
+            if heads_as_rows:
+                return blocks
+            tasks = [single_task(mask) for mask in masks]
+            return [b if t is None or b is None else b[t] for b, t in zip(blocks, tasks)]
         heads = [x for x, mask in zip(inputs, masks) if single_task(mask) is not None]
         shared = [x for x, mask in zip(inputs, masks) if mask and single_task(mask) is None]
         if shared:
@@ -92,7 +99,9 @@ class JacobianEngine:
         blocks: Blocks = []
         for x, mask in zip(inputs, masks):
             task = single_task(mask)
-            if task is not None:
+            if task is not None and not heads_as_rows:
+                blocks.append(next(head_blocks))
+            elif task is not None:
                 block = x.new_zeros((n_tasks, *x.shape))
                 grad = next(head_blocks)
                 if grad is not None:

@@ -14,7 +14,7 @@ import torch
 
 from .aggregation import GroupPlan, GroupResult
 from .jacobian import guarded
-from .losses import NonFiniteError, TaskLosses
+from .losses import NonFiniteError, TaskLosses, all_finite
 
 
 def applies(plans: list[GroupPlan]) -> bool:
@@ -41,7 +41,7 @@ def backward_into_grad(
     with torch.enable_grad():
         guarded(torch.autograd.backward, output, weights, retain_graph=retain_graph, inputs=params)
     grads = [p.grad for p in params if p.grad is not None]
-    if grads and not _all_finite(grads):
+    if not all_finite(grads):
         for p in params:
             p.grad = None
         raise NonFiniteError(
@@ -56,11 +56,3 @@ def backward_into_grad(
         for plan in plans
     }
 
-
-def _all_finite(grads: list[torch.Tensor]) -> bool:
-    # One fused norm per tensor; a norm can overflow on large finite values, so only a
-    # non-finite norm sends the tensors themselves through the exact test.
-    norms = torch._foreach_norm(grads)
-    if bool(torch.isfinite(torch.stack(norms)).all()):
-        return True
-    return all(bool(torch.isfinite(g).all()) for g in grads)

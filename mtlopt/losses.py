@@ -38,7 +38,8 @@ def prepare_losses(losses: object, check_finite: bool = True) -> TaskLosses:
     if len(losses) == 0:
         raise ValueError("losses: expected at least one task loss, got an empty sequence")
     for index, loss in enumerate(losses):
-        _check_one(f"losses[{index}]", loss)
+        if not _is_scalar_loss(loss):
+            _check_one(f"losses[{index}]", loss)
     devices = {loss.device for loss in losses}
     if len(devices) > 1:
         raise ValueError(
@@ -51,8 +52,20 @@ def prepare_losses(losses: object, check_finite: bool = True) -> TaskLosses:
             "cast them (e.g. loss.float()) so that no task's gradient is silently promoted"
         )
     with torch.enable_grad():
-        output = torch.stack([loss.reshape(()) for loss in losses])
+        # 0-d losses (the usual reduction's) go in as they are: a reshape would add a view
+        # node per task to the backward pass.
+        output = torch.stack([loss if loss.dim() == 0 else loss.reshape(()) for loss in losses])
     return _from_tensor(output, check_finite)
+
+
+def _is_scalar_loss(loss: object) -> bool:
+    """The common case in one test: a 0-d floating-point tensor with a graph."""
+    return (
+        isinstance(loss, Tensor)
+        and loss.dim() == 0
+        and loss.requires_grad
+        and loss.is_floating_point()
+    )
 
 
 def _from_tensor(losses: Tensor, check_finite: bool) -> TaskLosses:
@@ -122,3 +135,19 @@ def loss_values(losses: object) -> Tensor | None:
             f"closure: expected it to return a sequence of losses, got {type(losses).__name__}"
         )
     return values if bool(torch.isfinite(values).all()) else None
+
+
+def all_finite(tensors: list[Tensor], also: Tensor | None = None) -> bool:
+    """Whether every entry of ``tensors`` (and of ``also``) is finite, in one host sync.
+
+    One fused norm per tensor: a norm is finite when its tensor is, except that large finite
+    values can overflow it, so only a non-finite norm sends the tensors themselves through
+    the exact test.
+    """
+    norms = list(torch._foreach_norm(tensors)) if tensors else []
+    if also is not None:
+        norms.append(also.reshape(-1).to(torch.float32))
+    if not norms or bool(torch.isfinite(torch.cat([n.reshape(-1) for n in norms])).all()):
+        return True
+    exact = [*tensors, *([] if also is None else [also])]
+    return all(bool(torch.isfinite(t).all()) for t in exact)

@@ -334,7 +334,11 @@ class MultiTaskOptimizer(Optimizer):
         plans = build_plans(groups, task_losses)
         check_batches(plans, task_losses, extra)
         if features is not None:
-            return self._representation_backward(task_losses, plans, features, scaler, retain_graph)
+            check_features(features, plans)
+            if needs_per_task(plans):  # loss-only weightings need no representation rows
+                return self._representation_backward(
+                    task_losses, plans, features, scaler, retain_graph
+                )
         scale = None
         if scaler is not None:
             # The scale as a tensor (no host synchronisation), applied in the graph.
@@ -398,7 +402,6 @@ class MultiTaskOptimizer(Optimizer):
         scaler: torch.amp.GradScaler | None,
         retain_graph: bool,
     ) -> bool:
-        check_features(features, plans)
         if scaler is not None or self._process_group is not None:
             raise ValueError(
                 "features: representation mode does not support a GradScaler or "
@@ -475,6 +478,10 @@ class MultiTaskOptimizer(Optimizer):
                     param.grad = update
                 else:
                     param.grad.add_(update)
+        for result in results.values():
+            # last_step is for logging: holding the updates would keep this step's gradients
+            # alive after zero_grad(), next to the next step's (n more floats at its peak).
+            result.updates = []
         device = task_losses.output.device
         for plan in plans:
             weighting = plan.weighting

@@ -20,9 +20,12 @@ class GraphMasks:
     pass over the union of the graphs: in-degrees first, then masks pushed in topological
     order (Kahn), so a node's mask is complete before it is propagated. Cost is linear in the
     number of graph nodes.
+
+    ``stop``: a node whose inputs are not visited (representation mode stops at the
+    representation, so that the walk covers the heads only); it gets its mask like any node.
     """
 
-    def __init__(self, roots: Sequence[object | None]) -> None:
+    def __init__(self, roots: Sequence[object | None], stop: object | None = None) -> None:
         self.roots = list(roots)
         indegree: dict[object, int] = {}
         stack = list(dict.fromkeys(node for node in roots if node is not None))
@@ -31,7 +34,7 @@ class GraphMasks:
         seen = set(stack)
         while stack:
             node = stack.pop()
-            for child, _ in node.next_functions:  # type: ignore[attr-defined]
+            for child, _ in _inputs(node, stop):
                 if child is None:
                     continue
                 indegree[child] = indegree.get(child, 0) + 1
@@ -54,7 +57,7 @@ class GraphMasks:
             variable = getattr(node, "variable", None)
             if variable is not None:
                 self._leaves[id(variable)] = self._leaves.get(id(variable), 0) | mask
-            for child, _ in node.next_functions:  # type: ignore[attr-defined]
+            for child, _ in _inputs(node, stop):
                 if child is None:
                     continue
                 pending[child] = pending.get(child, 0) | mask
@@ -69,6 +72,10 @@ class GraphMasks:
             self._leaves.get(id(t), 0) if t.grad_fn is None else self.nodes.get(t.grad_fn, 0)
             for t in tensors
         ]
+
+
+def _inputs(node: object, stop: object | None) -> tuple:
+    return () if node is stop else node.next_functions  # type: ignore[attr-defined]
 
 
 def task_masks(roots: Sequence[object | None], params: Sequence[Tensor]) -> list[int]:

@@ -74,24 +74,19 @@ def backward_through_heads(
 
     The graph is kept: stage 2 and the caller's fallback go through it again.
     """
-    # Each task's gradient goes straight into its row of one buffer per target (no stacking
-    # copy); rows that nothing reached are zeroed at the end.
-    buffers: list[Tensor | None] = [None] * len(cut.targets)
-    written: list[set[int]] = [set() for _ in cut.targets]
+    # The hooks keep references to each task's gradients (no copy while autograd runs, no
+    # buffer to fault in); one stack per target builds the rows at the end.
+    parts: list[list[list[Tensor]]] = [[[] for _ in range(n_tasks)] for _ in cut.targets]
 
     def recorder(task: int, edges: list[tuple[int, int]]):
-        def record(grad_inputs: tuple[Tensor | None, ...], _: object) -> None:
+        def record(grad_inputs: tuple[Tensor | None, ...], _: object) -> tuple:
+            passed = list(grad_inputs)
             for position, index in edges:
-                grad = grad_inputs[position]
-                if grad is None:
-                    continue
-                if buffers[index] is None:
-                    buffers[index] = grad.new_empty((n_tasks, *grad.shape))
-                if task in written[index]:
-                    buffers[index][task] += grad
-                else:
-                    buffers[index][task].copy_(grad)
-                    written[index].add(task)
+                if grad_inputs[position] is not None:
+                    parts[index][task].append(grad_inputs[position])
+                # Nothing crosses: autograd need not sum the tasks' gradients at the target.
+                passed[position] = None
+            return tuple(passed)
 
         return record
 
@@ -99,7 +94,7 @@ def backward_through_heads(
     try:
         grads = torch.autograd.grad(
             output,
-            [*cut.targets, *head_inputs],
+            [*cut.targets, *head_inputs],  # the targets, so that the heads compute their grads
             torch.ones_like(output),
             retain_graph=True,
             allow_unused=True,
@@ -107,9 +102,18 @@ def backward_through_heads(
     finally:
         for handle in handles:
             handle.remove()
-    for buffer, tasks in zip(buffers, written):
-        for task in range(n_tasks):
-            if buffer is not None and task not in tasks:
-                buffer[task].zero_()
-    rows = buffers  # None where nothing crossed (an op without a gradient for it)
+    rows = [_stack_rows(per_task) for per_task in parts]  # None where nothing crossed
     return list(grads[len(cut.targets) :]), rows
+
+
+def _stack_rows(per_task: list[list[Tensor]]) -> Tensor | None:
+    """``[m, *shape]``: row t sums task t's recorded gradients (zeros if it sent none)."""
+    like = next((grads[0] for grads in per_task if grads), None)
+    if like is None:
+        return None
+    rows = [
+        torch.zeros_like(like) if not grads else grads[0] if len(grads) == 1 else sum(grads)
+        for grads in per_task
+    ]
+    per_task.clear()  # drop the references: the stacked copy replaces them
+    return torch.stack(rows)

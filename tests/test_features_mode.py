@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mtlopt import MultiTaskOptimizer
-from mtlopt.weighting import IMTLG, ExcessMTL, Mean
+from mtlopt.weighting import IMTL, IMTLG, ExcessMTL, GradVac, Mean, UPGrad
 
 from .conftest import Net, assert_same, make_batch, snapshot
 
@@ -70,3 +70,133 @@ def test_bad_features_refused(bad: str) -> None:
     features = "z" if bad == "z" else torch.zeros(3, requires_grad=True)
     with pytest.raises((TypeError, ValueError), match="features"):
         opt.step(losses, features=features)
+
+
+# --------------------------------------------------------------------------- brute force
+def per_task_grads(losses: list[torch.Tensor], tensors: list[torch.Tensor]) -> list[list]:
+    """One autograd.grad per loss: row t holds task t's gradient of each tensor (or None)."""
+    return [
+        list(torch.autograd.grad(loss, tensors, retain_graph=True, allow_unused=True))
+        for loss in losses
+    ]
+
+
+def z_gramian(losses: list[torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+    rows = torch.stack([g[0].reshape(-1) for g in per_task_grads(losses, [z])]).double()
+    return rows @ rows.T
+
+
+def combined(grads: list[list], weights: torch.Tensor, k: int) -> torch.Tensor | None:
+    present = [(w, row[k]) for w, row in zip(weights.tolist(), grads) if row[k] is not None]
+    return sum(w * g for w, g in present) if present else None
+
+
+class PostNet(torch.nn.Module):
+    """Encoder -> z -> a shared layer above z -> heads; ``skip`` adds a path around z."""
+
+    def __init__(self, skip: str = "") -> None:
+        super().__init__()
+        self.encoder = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh())
+        self.post = torch.nn.Linear(8, 8)
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(8, 1) for _ in range(3))
+        self.side = torch.nn.Parameter(torch.randn(6, 8) * 0.1)  # reaches the losses around z
+        self.skip = skip
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor):
+        z = self.encoder(x)
+        h = torch.tanh(self.post(z))
+        if self.skip == "side":
+            h = h + x @ self.side  # a parameter above z in the graph's sense: not below it
+        elif self.skip == "encoder":
+            h = h + self.encoder[0](x)  # an encoder parameter reached around z too
+        return z, [((head(h).squeeze(-1) - y[:, t]) ** 2).mean() for t, head in enumerate(self.heads)]
+
+
+@pytest.mark.parametrize("skip", ["", "side"])
+def test_shared_layers_above_the_representation_get_their_combined_rows(skip: str) -> None:
+    torch.manual_seed(1)
+    net = PostNet(skip)
+    opt = MultiTaskOptimizer(torch.optim.SGD(net.parameters(), lr=0.0), weighting=IMTLG())
+    x, y = make_batch(3)
+    z, losses = net(x, y)
+    above = list(net.post.parameters()) + ([net.side] if skip else [])
+    grads = per_task_grads(losses, above)
+    weights = IMTLG().weights_from_gramian(z_gramian(losses, z), torch.ones(3, dtype=torch.float64))
+    d_z = combined(per_task_grads(losses, [z]), weights, 0)
+    encoder = list(net.encoder.parameters())
+    below = torch.autograd.grad(z, encoder, d_z.float(), retain_graph=True)
+    heads = [per_task_grads([loss], list(h.parameters()))[0] for loss, h in zip(losses, net.heads)]
+    opt.step(losses, features=z)
+    torch.testing.assert_close(opt.last_step[0].weights, weights)
+    for k, p in enumerate(above):
+        torch.testing.assert_close(p.grad, combined(grads, weights, k).float(), rtol=1e-5, atol=1e-7)
+    for p, g in zip(encoder, below):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+    for head, expected in zip(net.heads, heads):
+        for p, g in zip(head.parameters(), expected):
+            torch.testing.assert_close(p.grad, g)
+    if not skip:
+        assert net.side.grad is None
+
+
+def test_a_parameter_reaching_the_losses_around_the_representation_too_is_refused() -> None:
+    torch.manual_seed(1)
+    net = PostNet("encoder")
+    opt = MultiTaskOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), weighting=GradVac(seed=0))
+    x, y = make_batch(3)
+    opt.step(net(x, y)[1])  # GradVac has state now
+    opt.zero_grad()
+    before = snapshot(net, opt)
+    z, losses = net(x, y)
+    with pytest.raises(ValueError, match="features: .*both through the representation and around"):
+        opt.step(losses, features=z)
+    assert_same(snapshot(net, opt), before)
+
+
+def test_each_group_sends_its_own_direction_through_the_encoder() -> None:
+    torch.manual_seed(2)
+    net = Net()
+    groups = [
+        {"params": net.encoder[0].parameters(), "weighting": IMTLG()},
+        {"params": net.encoder[2].parameters(), "weighting": UPGrad()},
+        {"params": net.heads.parameters(), "weighting": IMTL(n_tasks=3)},
+    ]
+    with torch.no_grad():  # scales other than one, so that applying them shows
+        groups[2]["weighting"].log_scales.copy_(torch.tensor([0.3, -0.5, 0.8]))
+    opt = MultiTaskOptimizer(torch.optim.SGD(groups, lr=0.0))
+    z, losses = forward(net, 4)
+    values = torch.stack([loss.detach() for loss in losses]).double()
+    gram, z_rows = z_gramian(losses, z), per_task_grads(losses, [z])
+    expected = []
+    for index, reference in [(0, IMTLG()), (1, UPGrad())]:
+        weights = reference.weights_from_gramian(gram, values)
+        params = list(opt.param_groups[index]["params"])
+        d_z = combined(z_rows, weights, 0).float()
+        expected.append((index, weights, params, torch.autograd.grad(z, params, d_z, retain_graph=True)))
+    # The heads' group: IMTL's loss scales (its IMTL-L part) multiply each head's gradient.
+    scales = groups[2]["weighting"].loss_weights(values)
+    heads = [per_task_grads([loss], list(h.parameters()))[0] for loss, h in zip(losses, net.heads)]
+    opt.step(losses, features=z)
+    for index, weights, params, grads in expected:
+        torch.testing.assert_close(opt.last_step[index].weights, weights)
+        for p, g in zip(params, grads):
+            torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+    for t, (head, grads) in enumerate(zip(net.heads, heads)):
+        for p, g in zip(head.parameters(), grads):
+            torch.testing.assert_close(p.grad, g * scales[t].float(), rtol=1e-5, atol=1e-7)
+
+
+def test_a_non_finite_gradient_below_the_representation_changes_nothing() -> None:
+    torch.manual_seed(3)
+    net = Net()
+    opt = MultiTaskOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), weighting=GradVac(seed=0))
+    opt.step(forward(net, 0)[1])
+    opt.zero_grad()
+    before = snapshot(net, opt)
+    x, y = make_batch(5)
+    h = net.encoder[0](x)
+    z = net.encoder[1](torch.sqrt(h - h.detach()) + h)  # sqrt(0): an infinite derivative
+    losses = [((head(z).squeeze(-1) - y[:, t]) ** 2).mean() for t, head in enumerate(net.heads)]
+    with pytest.raises(FloatingPointError, match="below the representation"):
+        opt.step(losses, features=z)
+    assert_same(snapshot(net, opt), before)
