@@ -105,3 +105,38 @@ def test_non_finite_gradient_leaves_everything_untouched(policy: str) -> None:
         assert opt.skipped_steps == 1
     assert net.shared.grad is None
     assert torch.equal(net.shared.detach(), before)
+
+
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        ([1.0, 2.0], True),
+        ([float("nan"), 2.0], False),
+        ([float("inf"), 2.0], False),
+        ([-float("inf"), 2.0], False),
+        ([3e38, 3e38], True),  # the norm overflows, the entries are finite
+    ],
+)
+def test_all_finite_against_isfinite(values: list[float], expected: bool) -> None:
+    from mtlopt.losses import all_finite
+
+    tensors = [torch.tensor(values), torch.ones(3)]
+    assert all_finite(tensors) is expected
+    assert all_finite([torch.ones(2)], also=torch.tensor(values, dtype=torch.float64)) is expected
+    assert all_finite([]) is True
+
+
+def test_last_step_does_not_keep_the_gradients_alive() -> None:
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    for weighting in ("mean", "upgrad"):
+        net = Net().double()
+        opt = MultiTaskOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), weighting=weighting)
+        opt.step(net.losses(*make_batch(0)))
+        grads = [weakref.ref(p.grad) for p in net.parameters() if p.grad is not None]
+        opt.zero_grad()
+        gc.collect()
+        assert grads and all(ref() is None for ref in grads), weighting
+        assert opt.last_step[0].weights is not None

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from mtlopt import MultiTaskOptimizer
 from mtlopt.losses import prepare_losses
-from mtlopt.reachability import single_task, task_masks
+from mtlopt.reachability import GraphMasks, single_task, task_masks
 from mtlopt.weighting import GradVac
 
 
@@ -342,3 +342,18 @@ def test_random_dag_matches_brute_force(n_tasks: int, n_params: int, data: st.Da
     expected = brute_force_masks(losses, params)
     assert task_masks(roots_of(losses), params) == expected
     assert task_masks(prepare_losses(losses).roots, params) == expected
+
+
+def test_stop_node_gets_its_mask_and_nothing_below_it_is_visited() -> None:
+    torch.manual_seed(0)
+    below = torch.nn.Linear(3, 4)
+    head_a, head_b = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
+    side = torch.nn.Parameter(torch.randn(3, 1))
+    x = torch.randn(5, 3)
+    z = torch.tanh(below(x))
+    losses = [head_a(z).sum() + (x @ side).sum(), head_b(z).sum()]
+    graph = GraphMasks([loss.grad_fn for loss in losses], stop=z.grad_fn)
+    assert graph.of([z]) == [0b11]
+    assert graph.of([head_a.weight, head_b.weight, side]) == [0b01, 0b10, 0b01]
+    assert graph.of([below.weight, below.bias]) == [0, 0]  # below the stop: not visited
+    assert GraphMasks([loss.grad_fn for loss in losses]).of([below.weight]) == [0b11]
