@@ -65,26 +65,31 @@ class GradVac(Weighting):
             self.phi_hat = torch.zeros(m, m, dtype=torch.float64, device=gramian.device)
         elif self.phi_hat.device != gramian.device:
             self.phi_hat = self.phi_hat.to(gramian.device)
-        phi_hat = self.phi_hat
         orders = random_orders(self._generator, m).to(gramian.device)
         rows = torch.arange(m, device=gramian.device)
         coefficients = torch.eye(m, dtype=gramian.dtype, device=gramian.device)
         norms = gramian.diagonal().clamp(min=0).sqrt()
+        # Everything that depends on the pair (i, j) alone is gathered once for all sweeps
+        # (each pair is visited once per step): fewer small ops in the sequential loop.
+        targets = self.phi_hat.gather(1, orders)
+        sin_targets = (1.0 - targets**2).clamp(min=0).sqrt()
+        norms_j = norms[orders]
+        denominators = norms_j * sin_targets + self.eps
+        measured = torch.empty_like(targets)
         for step in range(m - 1):
             j = orders[:, step]
             cg = coefficients @ gramian
-            dot = cg[rows, j]
             norm_i = (cg * coefficients).sum(1).clamp(min=0).sqrt()
-            norm_j = norms[j]
-            phi = (dot / (norm_i * norm_j + self.eps)).clamp(-1.0, 1.0)
-            target = phi_hat[rows, j]
-            sin_target = (1.0 - target**2).clamp(min=0).sqrt()
+            norm_j = norms_j[:, step]
+            phi = (cg[rows, j] / (norm_i * norm_j + self.eps)).clamp(-1.0, 1.0)
+            target = targets[:, step]
             sin_phi = (1.0 - phi**2).clamp(min=0).sqrt()
-            coef = norm_i * (target * sin_phi - phi * sin_target) / (norm_j * sin_target + self.eps)
+            coef = norm_i * (target * sin_phi - phi * sin_targets[:, step]) / denominators[:, step]
             # A zero gradient on either side has no direction to align with.
             apply = (phi < target) & (norm_i > 0) & (norm_j > 0)
-            coefficients[rows, j] += torch.where(apply, coef, torch.zeros_like(coef))
-            phi_hat[rows, j] = (1.0 - self.beta) * target + self.beta * phi
+            coefficients[rows, j] += torch.where(apply, coef, 0.0)
+            measured[:, step] = phi
+        self.phi_hat.scatter_(1, orders, (1.0 - self.beta) * targets + self.beta * measured)
         return coefficients.sum(0)
 
     def state_dict(self) -> dict[str, Any]:
