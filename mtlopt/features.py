@@ -10,7 +10,9 @@ one plain backward whatever the number of tasks.
 The weights are computed from the representation's Gramian rather than the parameters', an
 approximation that MGDA-UB bounds (Sener and Koltun, NeurIPS 2018, Theorem 1). It suits
 weightings that read the Gramian or the losses; weightings that keep per-tensor state over
-the Jacobian (ExcessMTL, AdaTask, MoCo, ...) or read several batches are refused.
+the Jacobian (ExcessMTL, AdaTask, MoCo, ...) or read several batches are refused. ``z``
+must lie on every path from the parameters below it to the losses: a parameter that also
+reaches the losses around ``z`` would get its gradient through ``z`` only, so it is refused.
 """
 
 from __future__ import annotations

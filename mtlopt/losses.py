@@ -140,14 +140,29 @@ def loss_values(losses: object) -> Tensor | None:
 def all_finite(tensors: list[Tensor], also: Tensor | None = None) -> bool:
     """Whether every entry of ``tensors`` (and of ``also``) is finite, in one host sync.
 
-    One fused norm per tensor: a norm is finite when its tensor is, except that large finite
-    values can overflow it, so only a non-finite norm sends the tensors themselves through
-    the exact test.
+    One fused pass over all the tensors: the check GradScaler runs on every step
+    (``_amp_foreach_non_finite_check_and_unscale_`` with a scale of one, which leaves the
+    values as they are), per device; a sparse tensor is checked through its stored values.
+    Where that kernel cannot run, each tensor is tested on its own.
     """
-    norms = list(torch._foreach_norm(tensors)) if tensors else []
+    dense = [_stored_values(t) for t in tensors]
     if also is not None:
-        norms.append(also.reshape(-1).to(torch.float32))
-    if not norms or bool(torch.isfinite(torch.cat([n.reshape(-1) for n in norms])).all()):
-        return True
-    exact = [*tensors, *([] if also is None else [also])]
-    return all(bool(torch.isfinite(t).all()) for t in exact)
+        dense.append(also)
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for tensor in dense:
+        by_device.setdefault(tensor.device, []).append(tensor)
+    found = []
+    try:
+        for device, group in by_device.items():
+            flag = torch.zeros(1, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(group, flag, torch.ones(1, device=device))
+            found.append(flag.to(dense[0].device))
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return all(bool(torch.isfinite(t).all()) for t in dense)
+    return not found or not bool(torch.cat(found).any())
+
+
+def _stored_values(tensor: Tensor) -> Tensor:
+    if tensor.layout == torch.strided:
+        return tensor
+    return tensor._values() if tensor.layout == torch.sparse_coo else tensor.values()

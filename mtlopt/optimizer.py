@@ -301,7 +301,8 @@ class MultiTaskOptimizer(Optimizer):
         head reads). The weightings then run on the per-task gradients with respect to ``z``
         (MGDA-UB's idea), and one ordinary backward pass carries the result through the
         encoder: a step costs about one plain backward whatever the number of tasks. Suits
-        weightings that read the Gramian or the losses.
+        weightings that read the Gramian (loss-only weightings ignore ``features``). Every
+        path from the encoder to the losses must pass through ``z``.
 
         Returns True if gradients were written, False if the step was skipped (non-finite
         values under ``nonfinite="skip"`` or a scaler). Bad input raises before any

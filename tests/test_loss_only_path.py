@@ -120,10 +120,15 @@ def test_non_finite_gradient_leaves_everything_untouched(policy: str) -> None:
 def test_all_finite_against_isfinite(values: list[float], expected: bool) -> None:
     from mtlopt.losses import all_finite
 
-    tensors = [torch.tensor(values), torch.ones(3)]
+    tensors = [torch.tensor(values), torch.ones(3, dtype=torch.float64), torch.ones(2, 2).T]
+    before = [t.clone() for t in tensors]
     assert all_finite(tensors) is expected
+    for tensor, old in zip(tensors, before):  # checked, not changed
+        assert torch.equal(tensor.nan_to_num(), old.nan_to_num())
     assert all_finite([torch.ones(2)], also=torch.tensor(values, dtype=torch.float64)) is expected
     assert all_finite([]) is True
+    sparse = torch.sparse_coo_tensor([[0, 1]], torch.tensor(values), (3,))  # the fallback
+    assert all_finite([sparse, torch.ones(3)]) is expected
 
 
 def test_last_step_does_not_keep_the_gradients_alive() -> None:
@@ -140,3 +145,32 @@ def test_last_step_does_not_keep_the_gradients_alive() -> None:
         gc.collect()
         assert grads and all(ref() is None for ref in grads), weighting
         assert opt.last_step[0].weights is not None
+
+
+def test_sparse_embedding_gradients() -> None:
+    torch.manual_seed(0)
+    embedding = nn.Embedding(10, 4, sparse=True)
+    heads = nn.ModuleList(nn.Linear(4, 1) for _ in range(2))
+    index = torch.tensor([1, 3, 3, 7])
+
+    def losses(broken: bool = False) -> list[torch.Tensor]:
+        z = embedding(index)
+        if broken:  # sqrt(0): finite losses, an infinite derivative
+            z = z + torch.sqrt(z - z.detach())
+        return [head(z).pow(2).mean() for head in heads]
+
+    opt = MultiTaskOptimizer(torch.optim.SparseAdam(list(embedding.parameters()), lr=0.1))
+    expected = torch.autograd.grad(sum(losses()) / 2, embedding.weight)[0].to_dense()
+    before = embedding.weight.detach().clone()
+    opt.backward(losses())
+    assert embedding.weight.grad.is_sparse
+    torch.testing.assert_close(embedding.weight.grad.to_dense(), expected)
+    opt.step()
+    assert not torch.equal(embedding.weight, before)
+    opt.zero_grad()
+    moved = embedding.weight.detach().clone()
+    broken = losses(broken=True)
+    assert all(bool(torch.isfinite(loss)) for loss in broken)
+    with pytest.raises(NonFiniteError, match="gradients"):
+        opt.step(broken)
+    assert embedding.weight.grad is None and torch.equal(embedding.weight, moved)
