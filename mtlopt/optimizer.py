@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections import OrderedDict
@@ -313,7 +314,7 @@ class MultiTaskOptimizer(Optimizer):
         extra = [prepare_losses(batch, check_finite=False) for batch in extra_batches]
         # Called inside an autocast region (Lightning's bf16-mixed runs training_step in
         # one), the weightings' products would run in half precision: they must not.
-        with torch.autocast(task_losses.output.device.type, enabled=False):
+        with _autocast_off(task_losses.output.device.type):
             return self._backward(task_losses, extra, retain_graph, scaler, features)
 
     def _backward(
@@ -580,6 +581,16 @@ class MultiTaskOptimizer(Optimizer):
                 group["weighting"] = next(internal)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast turned off for ``device_type``; nothing to enter when it is off already
+    (entering ``torch.autocast`` costs tens of microseconds a step)."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: one flag per device kind
+        enabled = torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+    return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
 
 
 def _is_plain_sgd(optimizer: Optimizer, group: dict[str, Any]) -> bool:
