@@ -11,13 +11,14 @@ Knows nothing about weightings.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
 from .reachability import GraphMasks, single_task, task_masks
+from .handed_seeds import handed_seed_vjp
 from .task_cut import backward_through_heads, find_cut
 
 Blocks = list[Tensor | None]
@@ -81,14 +82,19 @@ class JacobianEngine:
         shared = [x for x, mask in zip(inputs, masks) if mask and single_task(mask) is None]
         if shared:
             head_grads, seeds = guarded(backward_through_heads, cut, output, heads, n_tasks)
-            seeded = [(t, rows) for t, rows in zip(cut.targets, seeds) if rows is not None]
-            if _is_the_only_target(shared, seeded):  # the representation itself, say
-                shared_blocks = iter([seeded[0][1]])
+            targets = [t for t, rows in zip(cut.targets, seeds) if rows is not None]
+            held = [rows for rows in seeds if rows is not None]
+            del seeds  # held is now the rows' only owner: stage 2 may free them early
+            if _is_the_only_target(shared, targets):  # the representation itself, say
+                shared_blocks = iter(held)
             else:
+
+                def regenerate() -> list[Tensor]:
+                    again = guarded(backward_through_heads, cut, output, heads, n_tasks)[1]
+                    return [rows for rows in again if rows is not None]
+
                 shared_blocks = iter(
-                    self.vjp_rows(
-                        [t for t, _ in seeded], [rows for _, rows in seeded], shared, retain_graph
-                    )
+                    self.vjp_rows(targets, held, shared, retain_graph, regenerate)
                 )
         else:  # only task heads: one ordinary backward of the sum gives every block
             head_grads = list(
@@ -141,9 +147,16 @@ class JacobianEngine:
         cotangents: Sequence[Tensor],
         inputs: Sequence[Tensor],
         retain_graph: bool,
+        regenerate: Callable[[], list[Tensor]] | None = None,
     ) -> Blocks:
         """``[r, *x.shape]`` per input: row k is the backward of ``outputs`` seeded with row
-        k of each cotangent; every input must be reached."""
+        k of each cotangent; every input must be reached.
+
+        With ``regenerate`` (cut edges as ``outputs``), ``cotangents`` is a list the caller
+        hands over with its only reference: the rows are freed as soon as autograd has read
+        them (:mod:`mtlopt.handed_seeds`), and ``regenerate()`` computes them again should
+        the loop have to rerun.
+        """
         n_rows = cotangents[0].shape[0]
         if self.uses_loop:
             return _loop_vjp(outputs, cotangents, inputs, retain_graph)
@@ -152,12 +165,19 @@ class JacobianEngine:
         # with the losses at the end of the user's iteration, as after a plain backward.
         keep = retain_graph or self.mode == "auto"
         try:
-            blocks = _batched_vjp(outputs, cotangents, inputs, self.chunk_size, keep)
+            if regenerate is None:
+                blocks = _batched_vjp(outputs, cotangents, inputs, self.chunk_size, keep)
+            else:
+                blocks = handed_seed_vjp(
+                    run_chunked, outputs, cotangents, inputs, self.chunk_size, keep  # type: ignore[arg-type]
+                )
         except Exception as error:  # vmap lacks a rule for some op of the graph
             if _graph_freed(error):
                 raise RuntimeError(FREED_GRAPH) from error
             if self.mode == "batched":
                 raise
+            if regenerate is not None and any(rows is None for rows in cotangents):
+                cotangents = regenerate()
             blocks = _loop_vjp(outputs, cotangents, inputs, retain_graph)
             self.fallback_reason = f"{type(error).__name__}: {str(error).splitlines()[0]}"
             warnings.warn(
@@ -171,14 +191,11 @@ class JacobianEngine:
         return blocks
 
 
-def _is_the_only_target(
-    shared: Sequence[Tensor], seeded: list[tuple[GradientEdge, Tensor]]
-) -> bool:
+def _is_the_only_target(shared: Sequence[Tensor], targets: list[GradientEdge]) -> bool:
     """Whether the one shared input is the one cut target: its rows are then the seeds."""
-    if len(shared) != 1 or len(seeded) != 1 or shared[0].grad_fn is None:
+    if len(shared) != 1 or len(targets) != 1 or shared[0].grad_fn is None:
         return False
-    target = seeded[0][0]
-    return target.node is shared[0].grad_fn and target.output_nr == shared[0].output_nr
+    return targets[0].node is shared[0].grad_fn and targets[0].output_nr == shared[0].output_nr
 
 
 FREED_GRAPH = (
@@ -222,7 +239,7 @@ def _batched_vjp(
     chunk_size: int | None,
     keep: bool,
 ) -> Blocks:
-    def vjp_keeping(retain: bool):
+    def vjp_for(retain: bool, last: bool):
         def vjp(*seeds: Tensor) -> tuple[Tensor | None, ...]:
             return torch.autograd.grad(
                 outputs, inputs, seeds, retain_graph=retain, materialize_grads=True
@@ -230,16 +247,27 @@ def _batched_vjp(
 
         return vjp
 
-    n_rows = cotangents[0].shape[0]
+    return run_chunked(vjp_for, list(cotangents), chunk_size, keep)
+
+
+def run_chunked(
+    vjp_for: Callable[[bool, bool], Callable[..., tuple[Tensor | None, ...]]],
+    batched: list[Tensor],
+    chunk_size: int | None,
+    keep: bool,
+) -> Blocks:
+    """``vmap(vjp_for(retain, last))`` over the rows of ``batched``, ``chunk_size`` rows at a
+    time (``last``: the call that holds the final rows)."""
+    n_rows = batched[0].shape[0]
     step = n_rows if chunk_size is None else chunk_size
     if step >= n_rows:
-        return list(torch.func.vmap(vjp_keeping(keep))(*cotangents))
+        return list(torch.func.vmap(vjp_for(keep, True))(*batched))
     # Preallocated outputs: the transient memory is one chunk, not a second copy of J.
     blocks: Blocks = []
     for start in range(0, n_rows, step):
         last = start + step >= n_rows
-        chunk = torch.func.vmap(vjp_keeping(keep or not last))(
-            *[c[start : start + step] for c in cotangents]
+        chunk = torch.func.vmap(vjp_for(keep or not last, last))(
+            *[c[start : start + step] for c in batched]
         )
         if start == 0:
             blocks = [None if g is None else g.new_empty((n_rows, *g.shape[1:])) for g in chunk]

@@ -13,10 +13,12 @@ import torch
 from torch import Tensor, nn
 
 from mtlopt import MultiTaskOptimizer
-from mtlopt.jacobian import JacobianEngine
+from mtlopt import jacobian as jacobian_module
+from mtlopt.handed_seeds import handed_seed_vjp
+from mtlopt.jacobian import JacobianEngine, _batched_vjp, run_chunked
 from mtlopt.losses import prepare_losses
-from mtlopt.reachability import GraphMasks
-from mtlopt.task_cut import find_cut
+from mtlopt.reachability import GraphMasks, single_task
+from mtlopt.task_cut import backward_through_heads, find_cut
 from mtlopt.weighting.base import Weighting
 
 from .test_jacobian import assert_blocks_close, reference_jacobian
@@ -232,3 +234,60 @@ def test_optimizer_step_writes_the_weighted_sum(case: str) -> None:
         else:
             want_grad = torch.einsum("m,m...->...", weights, block)
             torch.testing.assert_close(p.grad, want_grad, rtol=1e-12, atol=1e-14)
+
+
+class _NoVmapDouble(torch.autograd.Function):
+    """Doubles its input; its backward reads values on the host, which vmap refuses."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # noqa: ANN001
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: ANN001
+        return torch.tensor(grad.tolist(), dtype=grad.dtype) * 2
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_handed_seeds_match_passed_rows_and_are_released(chunk_size: int | None) -> None:
+    """Rows swapped in at the cut nodes give the numbers of rows passed to vmap, and the
+    caller's list no longer holds them afterwards (they could be freed inside the call)."""
+    torch.manual_seed(0)
+    params, losses_fn, _ = CASES["shared_sub_head"]()  # nested targets: one feeds the other
+    task_losses = prepare_losses(losses_fn())
+    graph = GraphMasks(task_losses.roots)
+    cut = find_cut(graph)
+    assert cut is not None and len(cut.targets) == 2
+    shared = [p for p, mask in zip(params, graph.of(params)) if single_task(mask) is None]
+    _, seeds = backward_through_heads(cut, task_losses.output, [], M)
+    want = _batched_vjp(cut.targets, seeds, shared, chunk_size, True)
+    held = [rows.clone() for rows in seeds]
+    got = handed_seed_vjp(run_chunked, cut.targets, held, shared, chunk_size, True)
+    assert held == [None, None]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_released_seeds_are_computed_again_when_the_loop_takes_over(monkeypatch) -> None:
+    """vmap fails below the cut (an LSTM) after the rows were handed over: the fallback
+    loop computes them again and gives the per-loss gradients."""
+    torch.manual_seed(0)
+    trunk = nn.Linear(3, 4).to(DTYPE)
+    heads = nn.ModuleList(nn.Linear(4, 1) for _ in range(M)).to(DTYPE)
+    z = torch.tanh(_NoVmapDouble.apply(trunk(torch.randn(5, 3, dtype=DTYPE))))
+    losses = [head(z).pow(2).mean() for head in heads]
+    params = [*trunk.parameters(), *heads.parameters()]
+    want = reference_jacobian(losses, params)
+    calls = []
+    original = jacobian_module.backward_through_heads
+    monkeypatch.setattr(
+        jacobian_module,
+        "backward_through_heads",
+        lambda *args: calls.append(1) or original(*args),
+    )
+    task_losses = prepare_losses(losses)
+    engine = JacobianEngine(mode="auto")
+    with pytest.warns(RuntimeWarning, match="loop"):
+        got = engine.task_rows(task_losses.output, GraphMasks(task_losses.roots), params, True)
+    assert len(calls) == 2  # the second run rebuilt the released rows
+    assert_blocks_close(got, want)
