@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
 from .reachability import GraphMasks, single_task, task_masks
+from .chunked_cut import _is_the_only_target, cut_rows_in_chunks
 from .handed_seeds import handed_seed_vjp
 from .task_cut import backward_through_heads, find_cut
 
@@ -80,7 +81,11 @@ class JacobianEngine:
             return [b if t is None or b is None else b[t] for b, t in zip(blocks, tasks)]
         heads = [x for x, mask in zip(inputs, masks) if single_task(mask) is not None]
         shared = [x for x, mask in zip(inputs, masks) if mask and single_task(mask) is None]
-        if shared:
+        chunked = self._in_chunks(cut, output, heads, shared, masks, retain_graph)
+        if chunked is not None:
+            head_grads, shared_rows = chunked
+            shared_blocks = iter(shared_rows)
+        elif shared:
             head_grads, seeds = guarded(backward_through_heads, cut, output, heads, n_tasks)
             targets = [t for t, rows in zip(cut.targets, seeds) if rows is not None]
             held = [rows for rows in seeds if rows is not None]
@@ -116,6 +121,31 @@ class JacobianEngine:
             else:
                 blocks.append(next(shared_blocks) if mask else None)
         return blocks
+
+    def _in_chunks(
+        self,
+        cut,
+        output: Tensor,
+        heads: list[Tensor],
+        shared: list[Tensor],
+        masks: Sequence[int],
+        retain_graph: bool,
+    ) -> tuple[Blocks, Blocks] | None:
+        """Both stages of the cut ``chunk_size`` tasks at a time (:mod:`mtlopt.chunked_cut`),
+        or None where that does not apply (no chunking, no shared input, the loop)."""
+        n_tasks = output.shape[0]
+        if self.chunk_size is None or self.chunk_size >= n_tasks or not shared or self.uses_loop:
+            return None
+        head_tasks = [single_task(mask) for mask in masks if single_task(mask) is not None]
+        keep = retain_graph or self.mode == "auto"
+        try:
+            return guarded(
+                cut_rows_in_chunks,
+                run_chunked, cut, output, heads, head_tasks, shared, self.chunk_size, keep,
+            )
+        except Exception as error:  # vmap lacks a rule for some op of the graph
+            self.fall_back(error, n_tasks)
+            return None  # the caller runs the loop
 
     def rows_vjp(
         self,
@@ -172,30 +202,27 @@ class JacobianEngine:
                     run_chunked, outputs, cotangents, inputs, self.chunk_size, keep  # type: ignore[arg-type]
                 )
         except Exception as error:  # vmap lacks a rule for some op of the graph
-            if _graph_freed(error):
-                raise RuntimeError(FREED_GRAPH) from error
-            if self.mode == "batched":
-                raise
+            self.fall_back(error, n_rows)
             if regenerate is not None and any(rows is None for rows in cotangents):
                 cotangents = regenerate()
-            blocks = _loop_vjp(outputs, cotangents, inputs, retain_graph)
-            self.fallback_reason = f"{type(error).__name__}: {str(error).splitlines()[0]}"
-            warnings.warn(
-                "mtlopt: batched per-task gradients are not available for this model "
-                f"({self.fallback_reason}); using a loop of {n_rows} backward passes "
-                "instead (same results, slower). Pass jacobian='loop' to silence this.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            return blocks
+            return _loop_vjp(outputs, cotangents, inputs, retain_graph)
         return blocks
 
-
-def _is_the_only_target(shared: Sequence[Tensor], targets: list[GradientEdge]) -> bool:
-    """Whether the one shared input is the one cut target: its rows are then the seeds."""
-    if len(shared) != 1 or len(targets) != 1 or shared[0].grad_fn is None:
-        return False
-    return targets[0].node is shared[0].grad_fn and targets[0].output_nr == shared[0].output_nr
+    def fall_back(self, error: Exception, n_rows: int) -> None:
+        """After the batched call failed: re-raise (a freed graph, or ``"batched"`` mode), or
+        switch to the loop for good and warn once."""
+        if _graph_freed(error):
+            raise RuntimeError(FREED_GRAPH) from error
+        if self.mode == "batched":
+            raise error
+        self.fallback_reason = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+        warnings.warn(
+            "mtlopt: batched per-task gradients are not available for this model "
+            f"({self.fallback_reason}); using a loop of {n_rows} backward passes "
+            "instead (same results, slower). Pass jacobian='loop' to silence this.",
+            RuntimeWarning,
+            stacklevel=5,
+        )
 
 
 FREED_GRAPH = (

@@ -65,15 +65,29 @@ def find_cut(graph: GraphMasks) -> TaskCut | None:
 
 
 def backward_through_heads(
-    cut: TaskCut, output: Tensor, head_inputs: Sequence[Tensor], n_tasks: int
+    cut: TaskCut,
+    output: Tensor,
+    head_inputs: Sequence[Tensor],
+    n_tasks: int,
+    tasks: range | None = None,
 ) -> tuple[list[Tensor | None], list[Tensor | None]]:
     """Stage 1: the gradients of ``head_inputs`` (each reached by one task, so the gradient
     of the sum is that task's own) and, per cut target, the ``[m, *shape]`` rows of each
     task's gradient across the cut (zeros for a task that does not reach it; None where
     nothing crossed).
 
+    ``tasks``: only these tasks' losses are differentiated (the rows are theirs); their
+    losses must be separate inputs of ``output``'s stack (what :func:`find_cut` requires).
     The graph is kept: stage 2 and the caller's fallback go through it again.
     """
+    tasks = range(n_tasks) if tasks is None else tasks
+    if len(tasks) == n_tasks:
+        roots: list[Tensor | GradientEdge] = [output]
+        seeds = [torch.ones_like(output)]
+    else:
+        edges = output.grad_fn.next_functions  # type: ignore[union-attr]
+        roots = [GradientEdge(*edges[task]) for task in tasks]
+        seeds = [torch.ones((), dtype=output.dtype, device=output.device) for _ in tasks]
     # The hooks keep references to each task's gradients (no copy while autograd runs, no
     # buffer to fault in); one stack per target builds the rows at the end.
     parts: list[list[list[Tensor]]] = [[[] for _ in range(n_tasks)] for _ in cut.targets]
@@ -90,19 +104,24 @@ def backward_through_heads(
 
         return record
 
-    handles = [node.register_hook(recorder(task, edges)) for node, task, edges in cut.feeders]  # type: ignore[attr-defined]
+    handles = [
+        node.register_hook(recorder(task, edges))  # type: ignore[attr-defined]
+        for node, task, edges in cut.feeders
+        if task in tasks
+    ]
     try:
         grads = torch.autograd.grad(
-            output,
+            roots,
             [*cut.targets, *head_inputs],  # the targets, so that the heads compute their grads
-            torch.ones_like(output),
+            seeds,
             retain_graph=True,
             allow_unused=True,
         )
     finally:
         for handle in handles:
             handle.remove()
-    rows = [_stack_rows(per_task) for per_task in parts]  # None where nothing crossed
+    # None where nothing crossed
+    rows = [_stack_rows(per_task[tasks.start : tasks.stop]) for per_task in parts]
     return list(grads[len(cut.targets) :]), rows
 
 

@@ -112,11 +112,15 @@ class PostNet(torch.nn.Module):
         return z, [((head(h).squeeze(-1) - y[:, t]) ** 2).mean() for t, head in enumerate(self.heads)]
 
 
+@pytest.mark.parametrize("chunk_size", [None, 2])
 @pytest.mark.parametrize("skip", ["", "side"])
-def test_shared_layers_above_the_representation_get_their_combined_rows(skip: str) -> None:
+def test_shared_layers_above_the_representation_get_their_combined_rows(
+    skip: str, chunk_size: int | None
+) -> None:
     torch.manual_seed(1)
     net = PostNet(skip)
-    opt = MultiTaskOptimizer(torch.optim.SGD(net.parameters(), lr=0.0), weighting=IMTLG())
+    base = torch.optim.SGD(net.parameters(), lr=0.0)
+    opt = MultiTaskOptimizer(base, weighting=IMTLG(), chunk_size=chunk_size)
     x, y = make_batch(3)
     z, losses = net(x, y)
     above = list(net.post.parameters()) + ([net.side] if skip else [])

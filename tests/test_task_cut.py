@@ -158,17 +158,20 @@ def test_rows_match_one_backward_per_loss(case: str, mode: str, chunk_size: int 
     assert_blocks_close(got, want)
 
 
-def test_each_head_runs_its_backward_once() -> None:
-    """The point of the cut: a head is differentiated once, not once per task."""
+@pytest.mark.parametrize("chunk_size", [None, 1, 2])
+def test_each_head_runs_its_backward_once(chunk_size: int | None) -> None:
+    """The point of the cut: a head is differentiated once, not once per task (nor once
+    per chunk of tasks)."""
     torch.manual_seed(0)
     params, losses_fn, _ = heads_on_z()
     losses = losses_fn()
     calls = []
-    head_node = losses[0].grad_fn  # the first task's own loss node
-    head_node.register_hook(lambda *_: calls.append(1))
+    for task, loss in enumerate(losses):  # each task's own loss node
+        loss.grad_fn.register_hook(lambda *_, task=task: calls.append(task))
     task_losses = prepare_losses(losses)
-    JacobianEngine().task_rows(task_losses.output, GraphMasks(task_losses.roots), params)
-    assert len(calls) == 1
+    engine = JacobianEngine(chunk_size=chunk_size)
+    engine.task_rows(task_losses.output, GraphMasks(task_losses.roots), params)
+    assert sorted(calls) == list(range(M))
 
 
 def test_single_task_needs_no_cut() -> None:
