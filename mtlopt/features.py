@@ -22,10 +22,13 @@ import copy
 import torch
 from torch import Tensor
 
-from .aggregation import GroupPlan, GroupResult, gramian, scale_gramian
+from .aggregation import GroupPlan, GroupResult, gramian
+from .features_single_pass import applies as single_pass_applies
+from .features_single_pass import head_update, single_pass, weigh
 from .jacobian import JacobianEngine
 from .losses import NonFiniteError, TaskLosses, all_finite
 from .reachability import GraphMasks, single_task
+from .task_cut import find_cut
 from .weighting.base import combine
 
 
@@ -71,6 +74,9 @@ def representation_backward(
     if not z_mask:
         raise ValueError("features: no loss depends on the representation passed as features")
     masks = dict(zip(map(id, above), graph.of(above)))
+    cut = find_cut(graph) if task_losses.n_tasks > 1 else None
+    if engine.chunk_size is None and single_pass_applies(cut, features, plans, masks):
+        return single_pass(cut, task_losses, plans, features, masks, retain_graph)  # type: ignore[arg-type]
     with torch.enable_grad():
         blocks = engine.task_rows(
             task_losses.output, graph, [features, *above], True, [z_mask, *masks.values()], False
@@ -91,16 +97,9 @@ def representation_backward(
     # the representation turns out not finite.
     saved = [(plan.weighting, copy.deepcopy(plan.weighting.state_dict())) for plan in plans]
     for plan in plans:
-        scale = plan.loss_weights
-        if plan.weighting.needs == "losses":
-            assert scale is not None, f"{plan.weighting!r} returned no loss weights"
-            weights, product, applied = scale, None, scale
-        else:
-            product = scale_gramian(z_gramian, scale)
-            weights = plan.weighting.weights_from_gramian(product, task_losses.values)
-            applied = weights if scale is None else weights * scale
+        weights, product, applied = weigh(plan, z_gramian, task_losses.values)
         results[plan.index] = GroupResult(
-            updates=_above_updates(plan, masks, above_blocks, scale, applied),
+            updates=_above_updates(plan, masks, above_blocks, applied),
             weights=weights,
             gramian=product,
         )
@@ -118,7 +117,6 @@ def _above_updates(
     plan: GroupPlan,
     masks: dict[int, int],
     blocks: dict[int, Tensor | None],
-    scale: Tensor | None,
     applied: Tensor,
 ) -> list[tuple[Tensor, Tensor]]:
     """A task head gets its task's gradient (times its loss weight); a shared parameter
@@ -132,7 +130,7 @@ def _above_updates(
         if task is None:
             updates.append((param, combine(applied, block)))
         else:
-            updates.append((param, block if scale is None else block * scale[task].to(block.dtype)))
+            updates.append((param, head_update(block, task, plan.loss_weights)))
     return updates
 
 

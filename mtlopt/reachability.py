@@ -88,3 +88,18 @@ def single_task(mask: int) -> int | None:
     if mask and mask & (mask - 1) == 0:
         return mask.bit_length() - 1
     return None
+
+
+def leaves_below(node: object) -> set[int]:
+    """The ids of the leaf tensors that ``node`` reaches (through their AccumulateGrad)."""
+    seen, stack, found = {node}, [node], set()
+    while stack:
+        current = stack.pop()
+        variable = getattr(current, "variable", None)
+        if variable is not None:
+            found.add(id(variable))
+        for child, _ in current.next_functions:  # type: ignore[attr-defined]
+            if child is not None and child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return found

@@ -121,11 +121,11 @@ def backward_through_heads(
         for handle in handles:
             handle.remove()
     # None where nothing crossed
-    rows = [_stack_rows(per_task[tasks.start : tasks.stop]) for per_task in parts]
+    rows = [stack_rows(per_task[tasks.start : tasks.stop]) for per_task in parts]
     return list(grads[len(cut.targets) :]), rows
 
 
-def _stack_rows(per_task: list[list[Tensor]]) -> Tensor | None:
+def stack_rows(per_task: list[list[Tensor]]) -> Tensor | None:
     """``[m, *shape]``: row t sums task t's recorded gradients (zeros if it sent none)."""
     like = next((grads[0] for grads in per_task if grads), None)
     if like is None:

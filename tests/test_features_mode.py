@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from mtlopt import MultiTaskOptimizer
+from mtlopt import features as features_module
+from mtlopt.features_single_pass import single_pass as one_pass
 from mtlopt.weighting import IMTL, IMTLG, ExcessMTL, GradVac, Mean, UPGrad
 
 from .conftest import Net, assert_same, make_batch, snapshot
@@ -204,3 +206,87 @@ def test_a_non_finite_gradient_below_the_representation_changes_nothing() -> Non
     with pytest.raises(FloatingPointError, match="below the representation"):
         opt.step(losses, features=z)
     assert_same(snapshot(net, opt), before)
+
+
+def test_one_pass_serves_heads_on_z_with_loss_scales_in_another_group(monkeypatch) -> None:
+    """Heads read z, the encoder's group is the only one below it: one backward pass
+    serves the step, with the heads' group scaling its gradients by IMTL's scales."""
+    torch.manual_seed(4)
+    net = Net()
+    imtl = IMTL(n_tasks=3)
+    with torch.no_grad():
+        imtl.log_scales.copy_(torch.tensor([0.2, -0.4, 0.6]))
+    groups = [
+        {"params": net.encoder.parameters(), "weighting": UPGrad()},
+        {"params": net.heads.parameters(), "weighting": imtl},
+    ]
+    opt = MultiTaskOptimizer(torch.optim.SGD(groups, lr=0.0))
+    z, losses = forward(net, 6)
+    values = torch.stack([loss.detach() for loss in losses]).double()
+    weights = UPGrad().weights_from_gramian(z_gramian(losses, z), values)
+    d_z = combined(per_task_grads(losses, [z]), weights, 0).float()
+    encoder = list(net.encoder.parameters())
+    expected = torch.autograd.grad(z, encoder, d_z, retain_graph=True)
+    scales = imtl.loss_weights(values)
+    heads = [per_task_grads([loss], list(h.parameters()))[0] for loss, h in zip(losses, net.heads)]
+    runs = []
+    monkeypatch.setattr(features_module, "single_pass", lambda *a: runs.append(1) or one_pass(*a))
+    opt.step(losses, features=z)
+    assert runs == [1]
+    torch.testing.assert_close(opt.last_step[0].weights, weights)
+    for p, g in zip(encoder, expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+    for t, (head, grads) in enumerate(zip(net.heads, heads)):
+        for p, g in zip(head.parameters(), grads):
+            torch.testing.assert_close(p.grad, g * scales[t].float(), rtol=1e-5, atol=1e-7)
+
+
+def test_a_head_weight_tied_below_the_representation_is_refused() -> None:
+    torch.manual_seed(5)
+    net = Net()
+    opt = MultiTaskOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), weighting=IMTLG())
+    x, y = make_batch(7)
+    z = net.encoder(x + net.heads[0].bias)  # head 0's bias also feeds the encoder
+    losses = [((h(z).squeeze(-1) - y[:, t]) ** 2).mean() for t, h in enumerate(net.heads)]
+    before = snapshot(net, opt)
+    with pytest.raises(ValueError, match="both through the representation and around"):
+        opt.step(losses, features=z)
+    assert_same(snapshot(net, opt), before)
+
+
+def test_non_finite_representation_gradients_change_nothing() -> None:
+    torch.manual_seed(6)
+    net = Net()
+    opt = MultiTaskOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), weighting=GradVac(seed=0))
+    opt.step(forward(net, 0)[1])
+    opt.zero_grad()
+    before = snapshot(net, opt)
+    x, y = make_batch(8)
+    z = net.encoder(x)
+    outs = [h(z).squeeze(-1) for h in net.heads]
+    outs[2] = outs[2] + torch.sqrt(z - z.detach()).sum(1)  # an infinite derivative at z
+    losses = [((o - y[:, t]) ** 2).mean() for t, o in enumerate(outs)]
+    with pytest.raises(FloatingPointError, match="representation are not finite"):
+        opt.step(losses, features=z)
+    assert_same(snapshot(net, opt), before)
+
+
+@pytest.mark.parametrize("method", ["imtlg", "upgrad", "mgda", "cagrad", "nashmtl", "imtl"])
+def test_one_pass_and_two_passes_agree(method: str, monkeypatch) -> None:
+    """The one-pass path against the general one (itself checked against autograd loops)."""
+    grads = []
+    for one in (True, False):
+        if not one:
+            monkeypatch.setattr(features_module, "single_pass_applies", lambda *a: False)
+        torch.manual_seed(7)
+        net = Net()
+        opt = MultiTaskOptimizer(torch.optim.SGD(net.parameters(), lr=0.0), weighting=method)
+        z, losses = forward(net, 9)
+        opt.step(losses, features=z)
+        grads.append(([p.grad for p in net.parameters()], opt.last_step[0].weights))
+    (one_pass_grads, w1), (two_pass_grads, w2) = grads
+    torch.testing.assert_close(w1, w2)
+    for a, b in zip(one_pass_grads, two_pass_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)

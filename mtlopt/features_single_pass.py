@@ -1,0 +1,157 @@
+"""Representation mode in one backward pass, for heads that read the representation.
+
+When the tasks' heads read ``z`` directly (the cut between task-only and shared nodes is
+``z`` itself) and one group at most has parameters below ``z``, the whole step is one
+ordinary backward pass of the losses, as in plain training:
+
+* hooks on the heads' nodes that feed ``z`` record each task's gradient of ``z`` and stop
+  it there (autograd does not sum them);
+* a pre-hook on ``z``'s node, which autograd runs once every head is done, stacks the rows,
+  runs the groups' weightings on their Gramian and hands ``d_z`` to the encoder;
+* the heads' parameters get their task's gradient and the encoder's get ``d_z``'s, from the
+  same pass.
+
+Against the two passes of the general path (heads, then ``d_z`` through the encoder), this
+saves a second traversal of the graph by autograd: 1.65x -> 1.43x a plain step on the
+benchmark MLP at m = 10 (IMTL-G). The numbers are the general path's.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor
+
+from .aggregation import GroupPlan, GroupResult, gramian, scale_gramian
+from .losses import NonFiniteError, TaskLosses, all_finite
+from .reachability import leaves_below
+from .task_cut import TaskCut, stack_rows
+from .weighting.base import combine
+
+NOT_FINITE_Z = (
+    "losses: the per-task gradients of the representation are not finite; nothing was changed"
+)
+
+
+def applies(cut: TaskCut | None, features: Tensor, plans: list[GroupPlan], above: dict) -> bool:
+    """Whether :func:`single_pass` serves this step: the cut is ``z`` alone, every
+    parameter above it is one task's and not also below it, and one group at most has
+    parameters below it (the general path handles, or refuses, the rest)."""
+    if cut is None or len(cut.targets) != 1:
+        return False
+    target = cut.targets[0]
+    if target.node is not features.grad_fn or target.output_nr != features.output_nr:
+        return False
+    if any(mask & (mask - 1) for mask in above.values()):  # a shared layer above z
+        return False
+    if sum(any(id(p) not in above for p in plan.params) for plan in plans) > 1:
+        return False
+    return not above.keys() & leaves_below(features.grad_fn)  # a head weight tied below
+
+
+def weigh(
+    plan: GroupPlan, z_gramian: Tensor, losses: Tensor
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """A group's task weights, the Gramian it read, and the weights to apply to the rows
+    of unweighted per-task gradients (times the loss weights, if any)."""
+    scale = plan.loss_weights
+    if plan.weighting.needs == "losses":
+        assert scale is not None, f"{plan.weighting!r} returned no loss weights"
+        return scale, None, scale
+    product = scale_gramian(z_gramian, scale)
+    weights = plan.weighting.weights_from_gramian(product, losses)
+    return weights, product, weights if scale is None else weights * scale
+
+
+def head_update(grad: Tensor, task: int, scale: Tensor | None) -> Tensor:
+    """A task head's update: its task's gradient, times the task's loss weight if any."""
+    return grad if scale is None else grad * scale[task].to(grad.dtype)
+
+
+def single_pass(
+    cut: TaskCut,
+    task_losses: TaskLosses,
+    plans: list[GroupPlan],
+    features: Tensor,
+    above: dict[int, int],
+    retain_graph: bool,
+) -> dict[int, GroupResult]:
+    """The groups' updates from one backward pass (see the module's docstring)."""
+    n_tasks = task_losses.n_tasks
+    parts: list[list[Tensor]] = [[] for _ in range(n_tasks)]
+    below_plan = next((p for p in plans if any(id(q) not in above for q in p.params)), None)
+    below = [] if below_plan is None else [p for p in below_plan.params if id(p) not in above]
+    heads = list(dict.fromkeys(p for plan in plans for p in plan.params if id(p) in above))
+    saved = [(plan.weighting, copy.deepcopy(plan.weighting.state_dict())) for plan in plans]
+    weighed: dict[int, tuple[Tensor, Tensor | None, Tensor]] = {}
+    # One edge into z passes its gradient on, so that autograd runs z's node (a pre-hook
+    # cannot turn "no gradient" into one); the pre-hook replaces it by d_z.
+    passing = (cut.feeders[0][0], cut.feeders[0][2][0][0])
+
+    def recorder(node: object, task: int, positions: list[int]):
+        def record(grad_inputs: tuple[Tensor | None, ...], _: object) -> tuple | None:
+            passed = list(grad_inputs)
+            for position in positions:
+                if grad_inputs[position] is not None:
+                    parts[task].append(grad_inputs[position])
+                if (node, position) != passing:
+                    passed[position] = None
+            return tuple(passed)
+
+        return record
+
+    def weigh_all() -> Tensor | None:
+        rows = stack_rows(parts)
+        z_gramian = gramian([rows])
+        if not all_finite([], also=z_gramian.diagonal()):
+            raise NonFiniteError(NOT_FINITE_Z)
+        for plan in plans:
+            weighed[plan.index] = weigh(plan, z_gramian, task_losses.values)
+        return None if below_plan is None else combine(weighed[below_plan.index][2], rows)
+
+    def swap_in_direction(grad_outputs: tuple[Tensor | None, ...]) -> tuple:
+        replaced = list(grad_outputs)
+        replaced[features.output_nr] = weigh_all()
+        return tuple(replaced)
+
+    handles = [
+        node.register_hook(recorder(node, task, [position for position, _ in edges]))  # type: ignore[attr-defined]
+        for node, task, edges in cut.feeders
+    ]
+    handles.append(features.grad_fn.register_prehook(swap_in_direction))  # type: ignore[union-attr]
+    output = task_losses.output
+    try:
+        with torch.enable_grad():
+            grads = torch.autograd.grad(
+                output, [*heads, *below], torch.ones_like(output),
+                retain_graph=retain_graph, allow_unused=True,
+            )  # fmt: skip
+        if not weighed:  # nothing below z was differentiated: z's node did not run
+            weigh_all()
+        if not all_finite([g for g in grads if g is not None]):
+            raise NonFiniteError(
+                "losses: the gradients below the representation or of the heads are not finite; "
+                "nothing was changed"
+            )
+    except Exception:
+        for weighting, state in saved:
+            weighting.load_state_dict(state)
+        raise
+    finally:
+        for handle in handles:
+            handle.remove()
+    found = dict(zip(map(id, [*heads, *below]), grads))
+    results = {}
+    for plan in plans:
+        weights, product, _ = weighed[plan.index]
+        updates = []
+        for param in plan.params:
+            grad = found.get(id(param))
+            if grad is None:
+                continue
+            if id(param) in above:
+                grad = head_update(grad, above[id(param)].bit_length() - 1, plan.loss_weights)
+            updates.append((param, grad))
+        results[plan.index] = GroupResult(updates=updates, weights=weights, gramian=product)
+    return results
