@@ -42,9 +42,7 @@ def cut_rows_in_chunks(
     for start in range(0, n_tasks, chunk_size):
         tasks = range(start, min(start + chunk_size, n_tasks))
         mine = [k for k, task in enumerate(head_tasks) if task in tasks]
-        grads, seeds = backward_through_heads(
-            cut, output, [heads[k] for k in mine], n_tasks, tasks
-        )
+        grads, seeds = backward_through_heads(cut, output, [heads[k] for k in mine], n_tasks, tasks)
         for k, grad in zip(mine, grads):
             head_grads[k] = grad
         targets = [t for t, rows in zip(cut.targets, seeds) if rows is not None]

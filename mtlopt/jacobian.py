@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
-from .reachability import GraphMasks, single_task, task_masks
 from .chunked_cut import _is_the_only_target, cut_rows_in_chunks
 from .handed_seeds import handed_seed_vjp
+from .reachability import GraphMasks, single_task, task_masks
 from .task_cut import backward_through_heads, find_cut
 
 Blocks = list[Tensor | None]
@@ -98,9 +98,7 @@ class JacobianEngine:
                     again = guarded(backward_through_heads, cut, output, heads, n_tasks)[1]
                     return [rows for rows in again if rows is not None]
 
-                shared_blocks = iter(
-                    self.vjp_rows(targets, held, shared, retain_graph, regenerate)
-                )
+                shared_blocks = iter(self.vjp_rows(targets, held, shared, retain_graph, regenerate))
         else:  # only task heads: one ordinary backward of the sum gives every block
             head_grads = list(
                 _grad(output, heads, torch.ones_like(output), True, allow_unused=True)
@@ -141,7 +139,14 @@ class JacobianEngine:
         try:
             return guarded(
                 cut_rows_in_chunks,
-                run_chunked, cut, output, heads, head_tasks, shared, self.chunk_size, keep,
+                run_chunked,
+                cut,
+                output,
+                heads,
+                head_tasks,
+                shared,
+                self.chunk_size,
+                keep,
             )
         except Exception as error:  # vmap lacks a rule for some op of the graph
             self.fall_back(error, n_tasks)
@@ -199,7 +204,12 @@ class JacobianEngine:
                 blocks = _batched_vjp(outputs, cotangents, inputs, self.chunk_size, keep)
             else:
                 blocks = handed_seed_vjp(
-                    run_chunked, outputs, cotangents, inputs, self.chunk_size, keep  # type: ignore[arg-type]
+                    run_chunked,
+                    outputs,
+                    cotangents,
+                    inputs,
+                    self.chunk_size,
+                    keep,  # type: ignore[arg-type]
                 )
         except Exception as error:  # vmap lacks a rule for some op of the graph
             self.fall_back(error, n_rows)

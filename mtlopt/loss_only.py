@@ -55,4 +55,3 @@ def backward_into_grad(
         )
         for plan in plans
     }
-

@@ -155,7 +155,9 @@ def all_finite(tensors: list[Tensor], also: Tensor | None = None) -> bool:
     try:
         for device, group in by_device.items():
             flag = torch.zeros(1, device=device)
-            torch._amp_foreach_non_finite_check_and_unscale_(group, flag, torch.ones(1, device=device))
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                group, flag, torch.ones(1, device=device)
+            )
             found.append(flag.to(dense[0].device))
     except (RuntimeError, NotImplementedError, AttributeError):
         return all(bool(torch.isfinite(t).all()) for t in dense)

@@ -93,6 +93,25 @@ def combined(grads: list[list], weights: torch.Tensor, k: int) -> torch.Tensor |
     return sum(w * g for w, g in present) if present else None
 
 
+def assert_written(opt, net, expected, heads, scales) -> None:  # noqa: ANN001
+    """Each (group, weights, params, grads) of ``expected`` and the heads' scaled grads."""
+    for index, weights, params, grads in expected:
+        torch.testing.assert_close(opt.last_step[index].weights, weights)
+        for p, g in zip(params, grads):
+            torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+    for t, (head, grads) in enumerate(zip(net.heads, heads)):
+        for p, g in zip(head.parameters(), grads):
+            torch.testing.assert_close(p.grad, g * scales[t].float(), rtol=1e-5, atol=1e-7)
+
+
+def assert_refused(opt, net, losses, z) -> None:  # noqa: ANN001
+    """A parameter reaches the losses around z too: ValueError, and nothing moved."""
+    before = snapshot(net, opt)
+    with pytest.raises(ValueError, match="features: .*both through the representation and around"):
+        opt.step(losses, features=z)
+    assert_same(snapshot(net, opt), before)
+
+
 class PostNet(torch.nn.Module):
     """Encoder -> z -> a shared layer above z -> heads; ``skip`` adds a path around z."""
 
@@ -152,11 +171,8 @@ def test_a_parameter_reaching_the_losses_around_the_representation_too_is_refuse
     x, y = make_batch(3)
     opt.step(net(x, y)[1])  # GradVac has state now
     opt.zero_grad()
-    before = snapshot(net, opt)
     z, losses = net(x, y)
-    with pytest.raises(ValueError, match="features: .*both through the representation and around"):
-        opt.step(losses, features=z)
-    assert_same(snapshot(net, opt), before)
+    assert_refused(opt, net, losses, z)
 
 
 def test_each_group_sends_its_own_direction_through_the_encoder() -> None:
@@ -183,13 +199,7 @@ def test_each_group_sends_its_own_direction_through_the_encoder() -> None:
     scales = groups[2]["weighting"].loss_weights(values)
     heads = [per_task_grads([loss], list(h.parameters()))[0] for loss, h in zip(losses, net.heads)]
     opt.step(losses, features=z)
-    for index, weights, params, grads in expected:
-        torch.testing.assert_close(opt.last_step[index].weights, weights)
-        for p, g in zip(params, grads):
-            torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
-    for t, (head, grads) in enumerate(zip(net.heads, heads)):
-        for p, g in zip(head.parameters(), grads):
-            torch.testing.assert_close(p.grad, g * scales[t].float(), rtol=1e-5, atol=1e-7)
+    assert_written(opt, net, expected, heads, scales)
 
 
 def test_a_non_finite_gradient_below_the_representation_changes_nothing() -> None:
@@ -233,12 +243,7 @@ def test_one_pass_serves_heads_on_z_with_loss_scales_in_another_group(monkeypatc
     monkeypatch.setattr(features_module, "single_pass", lambda *a: runs.append(1) or one_pass(*a))
     opt.step(losses, features=z)
     assert runs == [1]
-    torch.testing.assert_close(opt.last_step[0].weights, weights)
-    for p, g in zip(encoder, expected):
-        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
-    for t, (head, grads) in enumerate(zip(net.heads, heads)):
-        for p, g in zip(head.parameters(), grads):
-            torch.testing.assert_close(p.grad, g * scales[t].float(), rtol=1e-5, atol=1e-7)
+    assert_written(opt, net, [(0, weights, encoder, expected)], heads, scales)
 
 
 def test_a_head_weight_tied_below_the_representation_is_refused() -> None:
@@ -248,10 +253,7 @@ def test_a_head_weight_tied_below_the_representation_is_refused() -> None:
     x, y = make_batch(7)
     z = net.encoder(x + net.heads[0].bias)  # head 0's bias also feeds the encoder
     losses = [((h(z).squeeze(-1) - y[:, t]) ** 2).mean() for t, h in enumerate(net.heads)]
-    before = snapshot(net, opt)
-    with pytest.raises(ValueError, match="both through the representation and around"):
-        opt.step(losses, features=z)
-    assert_same(snapshot(net, opt), before)
+    assert_refused(opt, net, losses, z)
 
 
 def test_non_finite_representation_gradients_change_nothing() -> None:

@@ -17,7 +17,9 @@ def test_matches_a_float64_product(m: int, n: int) -> None:
     for others, expected in [(None, a.double() @ a.double().T), (b, a.double() @ b.double().T)]:
         got = row_products(a, others)
         assert got.shape == (m, m) and got.dtype == torch.float32
-        scale = a.double().norm(dim=1).max() * (a if others is None else b).double().norm(dim=1).max()
+        scale = (
+            a.double().norm(dim=1).max() * (a if others is None else b).double().norm(dim=1).max()
+        )
         assert (got.double() - expected).abs().max() <= 1e-5 * scale
 
 

@@ -21,7 +21,7 @@ from mtlopt.reachability import GraphMasks, single_task
 from mtlopt.task_cut import backward_through_heads, find_cut
 from mtlopt.weighting.base import Weighting
 
-from .test_jacobian import assert_blocks_close, reference_jacobian
+from .test_jacobian import ItemBackward, assert_blocks_close, reference_jacobian
 
 DTYPE = torch.float64
 M = 3
@@ -239,18 +239,6 @@ def test_optimizer_step_writes_the_weighted_sum(case: str) -> None:
             torch.testing.assert_close(p.grad, want_grad, rtol=1e-12, atol=1e-14)
 
 
-class _NoVmapDouble(torch.autograd.Function):
-    """Doubles its input; its backward reads values on the host, which vmap refuses."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # noqa: ANN001
-        return x * 2
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: ANN001
-        return torch.tensor(grad.tolist(), dtype=grad.dtype) * 2
-
-
 @pytest.mark.parametrize("chunk_size", [None, 2])
 def test_handed_seeds_match_passed_rows_and_are_released(chunk_size: int | None) -> None:
     """Rows swapped in at the cut nodes give the numbers of rows passed to vmap, and the
@@ -277,7 +265,7 @@ def test_released_seeds_are_computed_again_when_the_loop_takes_over(monkeypatch)
     torch.manual_seed(0)
     trunk = nn.Linear(3, 4).to(DTYPE)
     heads = nn.ModuleList(nn.Linear(4, 1) for _ in range(M)).to(DTYPE)
-    z = torch.tanh(_NoVmapDouble.apply(trunk(torch.randn(5, 3, dtype=DTYPE))))
+    z = torch.tanh(ItemBackward.apply(trunk(torch.randn(5, 3, dtype=DTYPE))))
     losses = [head(z).pow(2).mean() for head in heads]
     params = [*trunk.parameters(), *heads.parameters()]
     want = reference_jacobian(losses, params)
