@@ -48,20 +48,20 @@ def handed_seed_vjp(
         def prehook(grad_outputs: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
             replaced = list(grad_outputs)
             for output_nr, k in node_positions:
-                rows = held[k][current["index"]]  # type: ignore[index]
+                rows = _batched(held[k], current["rows"], current["index"])  # type: ignore[arg-type]
                 incoming = grad_outputs[output_nr]
                 # Another cut edge's gradient can flow into this node as well: keep it.
                 replaced[output_nr] = rows if incoming is dummies[k] else rows + incoming
-            if current["last"]:
+            if current["rows"].stop == n_rows:  # type: ignore[union-attr]
                 for _, k in node_positions:
                     held[k] = None
             return tuple(replaced)
 
         return prehook
 
-    def vjp_for(retain: bool, last: bool):
+    def vjp_for(retain: bool, rows: slice):
         def vjp(index: Tensor) -> tuple[Tensor | None, ...]:
-            current["index"], current["last"] = index, last
+            current["index"], current["rows"] = index, rows
             return torch.autograd.grad(
                 list(edges), inputs, dummies, retain_graph=retain, materialize_grads=True
             )
@@ -78,3 +78,14 @@ def handed_seed_vjp(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _batched(rows: Tensor, chunk: slice, index: Tensor) -> Tensor:
+    """``rows[chunk]`` as the batched tensor of the running vmap call (``index`` is its
+    batched row index): a view, where indexing with ``index`` would copy the rows."""
+    try:
+        from torch._C._functorch import _add_batch_dim, maybe_get_level
+
+        return _add_batch_dim(rows[chunk], 0, maybe_get_level(index))
+    except (ImportError, AttributeError, RuntimeError):  # functorch internals moved
+        return rows[index]

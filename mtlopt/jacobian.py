@@ -276,7 +276,7 @@ def _batched_vjp(
     chunk_size: int | None,
     keep: bool,
 ) -> Blocks:
-    def vjp_for(retain: bool, last: bool):
+    def vjp_for(retain: bool, rows: slice):
         def vjp(*seeds: Tensor) -> tuple[Tensor | None, ...]:
             return torch.autograd.grad(
                 outputs, inputs, seeds, retain_graph=retain, materialize_grads=True
@@ -288,22 +288,23 @@ def _batched_vjp(
 
 
 def run_chunked(
-    vjp_for: Callable[[bool, bool], Callable[..., tuple[Tensor | None, ...]]],
+    vjp_for: Callable[[bool, slice], Callable[..., tuple[Tensor | None, ...]]],
     batched: list[Tensor],
     chunk_size: int | None,
     keep: bool,
 ) -> Blocks:
-    """``vmap(vjp_for(retain, last))`` over the rows of ``batched``, ``chunk_size`` rows at a
-    time (``last``: the call that holds the final rows)."""
+    """``vmap(vjp_for(retain, rows))`` over the rows of ``batched``, ``chunk_size`` rows at a
+    time (``rows``: the slice of the rows that call maps over)."""
     n_rows = batched[0].shape[0]
     step = n_rows if chunk_size is None else chunk_size
     if step >= n_rows:
-        return list(torch.func.vmap(vjp_for(keep, True))(*batched))
+        return list(torch.func.vmap(vjp_for(keep, slice(0, n_rows)))(*batched))
     # Preallocated outputs: the transient memory is one chunk, not a second copy of J.
     blocks: Blocks = []
     for start in range(0, n_rows, step):
         last = start + step >= n_rows
-        chunk = torch.func.vmap(vjp_for(keep or not last, last))(
+        rows = slice(start, min(start + step, n_rows))
+        chunk = torch.func.vmap(vjp_for(keep or not last, rows))(
             *[c[start : start + step] for c in batched]
         )
         if start == 0:
