@@ -55,7 +55,7 @@ def prepare_losses(losses: object, check_finite: bool = True) -> TaskLosses:
         # 0-d losses (the usual reduction's) go in as they are: a reshape would add a view
         # node per task to the backward pass.
         output = torch.stack([loss if loss.dim() == 0 else loss.reshape(()) for loss in losses])
-    return _from_tensor(output, check_finite)
+    return _from_tensor(output, check_finite, checked=True)
 
 
 def _is_scalar_loss(loss: object) -> bool:
@@ -68,13 +68,15 @@ def _is_scalar_loss(loss: object) -> bool:
     )
 
 
-def _from_tensor(losses: Tensor, check_finite: bool) -> TaskLosses:
-    if losses.dim() != 1 or losses.numel() == 0:
-        raise ValueError(
-            "losses: expected a 1-D tensor with one entry per task, got shape "
-            f"{tuple(losses.shape)} (pass [loss] for a single task)"
-        )
-    _check_one("losses", losses, scalar=False)
+def _from_tensor(losses: Tensor, check_finite: bool, checked: bool = False) -> TaskLosses:
+    """``checked``: ``losses`` stacks losses that were validated one by one."""
+    if not checked:
+        if losses.dim() != 1 or losses.numel() == 0:
+            raise ValueError(
+                "losses: expected a 1-D tensor with one entry per task, got shape "
+                f"{tuple(losses.shape)} (pass [loss] for a single task)"
+            )
+        _check_one("losses", losses, scalar=False)
     node = losses.grad_fn
     children = [] if node is None else [child for child, _ in node.next_functions]
     if type(node).__name__ == "StackBackward0" and len(children) == losses.numel():
@@ -151,17 +153,17 @@ def all_finite(tensors: list[Tensor], also: Tensor | None = None) -> bool:
     by_device: dict[torch.device, list[Tensor]] = {}
     for tensor in dense:
         by_device.setdefault(tensor.device, []).append(tensor)
-    found = []
+    flags = []
     try:
         for device, group in by_device.items():
             flag = torch.zeros(1, device=device)
             torch._amp_foreach_non_finite_check_and_unscale_(
                 group, flag, torch.ones(1, device=device)
             )
-            found.append(flag.to(dense[0].device))
+            flags.append(flag)
     except (RuntimeError, NotImplementedError, AttributeError):
         return all(bool(torch.isfinite(t).all()) for t in dense)
-    return not found or not bool(torch.cat(found).any())
+    return not any(bool(flag) for flag in flags)  # one sync per device (usually one)
 
 
 def _stored_values(tensor: Tensor) -> Tensor:
