@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ._rng import generator_state, new_generator, random_orders, set_generator_state
 from .base import Weighting, check_positive, check_unit_interval, copy_tensor_state
+from .gradvac_host import HOST_MAX_TASKS, gradvac_sweeps
 
 
 class GradVac(Weighting):
@@ -29,8 +30,10 @@ class GradVac(Weighting):
 
     Implementation: ``g_i' = sum_k C[i, k] g_k`` is tracked through its coefficients ``C``,
     so every dot product and norm comes from the Gramian ``G = J J^T`` (``C G``); the loop over
-    ``i`` runs as one vectorised operation, leaving ``m - 1`` sequential sweeps. The returned
-    task weights are ``w = C.sum(0)`` (``d = w^T J``).
+    ``i`` runs as one vectorised operation, leaving ``m - 1`` sequential sweeps (on the CPU
+    with at most 32 tasks the sweeps run on Python floats instead, which is faster there:
+    :mod:`mtlopt.weighting.gradvac_host`). The returned task weights are ``w = C.sum(0)``
+    (``d = w^T J``).
 
     Args:
         beta: EMA rate of the target cosines. The paper's experiments use a small rate; the
@@ -66,6 +69,12 @@ class GradVac(Weighting):
         elif self.phi_hat.device != gramian.device:
             self.phi_hat = self.phi_hat.to(gramian.device)
         orders = random_orders(self._generator, m).to(gramian.device)
+        if gramian.device.type == "cpu" and m <= HOST_MAX_TASKS:
+            weights, updated = gradvac_sweeps(
+                gramian.tolist(), orders.tolist(), self.phi_hat.tolist(), self.beta, self.eps
+            )
+            self.phi_hat.copy_(torch.tensor(updated, dtype=torch.float64))
+            return torch.tensor(weights, dtype=gramian.dtype)
         rows = torch.arange(m, device=gramian.device)
         coefficients = torch.eye(m, dtype=gramian.dtype, device=gramian.device)
         norms = gramian.diagonal().clamp(min=0).sqrt()
