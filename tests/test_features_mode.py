@@ -202,12 +202,18 @@ def test_each_group_sends_its_own_direction_through_the_encoder() -> None:
     assert_written(opt, net, expected, heads, scales)
 
 
-def test_a_non_finite_gradient_below_the_representation_changes_nothing() -> None:
-    torch.manual_seed(3)
+def stateful_gradvac(seed: int) -> tuple[Net, MultiTaskOptimizer]:
+    """A net and a GradVac optimizer that has taken one step (so its state is not empty)."""
+    torch.manual_seed(seed)
     net = Net()
     opt = MultiTaskOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), weighting=GradVac(seed=0))
     opt.step(forward(net, 0)[1])
     opt.zero_grad()
+    return net, opt
+
+
+def test_a_non_finite_gradient_below_the_representation_changes_nothing() -> None:
+    net, opt = stateful_gradvac(3)
     before = snapshot(net, opt)
     x, y = make_batch(5)
     h = net.encoder[0](x)
@@ -257,11 +263,7 @@ def test_a_head_weight_tied_below_the_representation_is_refused() -> None:
 
 
 def test_non_finite_representation_gradients_change_nothing() -> None:
-    torch.manual_seed(6)
-    net = Net()
-    opt = MultiTaskOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), weighting=GradVac(seed=0))
-    opt.step(forward(net, 0)[1])
-    opt.zero_grad()
+    net, opt = stateful_gradvac(6)
     before = snapshot(net, opt)
     x, y = make_batch(8)
     z = net.encoder(x)
