@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .aggregation import GroupPlan, GroupResult, gramian, scale_gramian
+from .jacobian import guarded
 from .losses import NonFiniteError, TaskLosses, all_finite
 from .reachability import leaves_below
 from .task_cut import TaskCut, stack_rows
@@ -123,7 +124,8 @@ def single_pass(
     output = task_losses.output
     try:
         with torch.enable_grad():
-            grads = torch.autograd.grad(
+            grads = guarded(
+                torch.autograd.grad,
                 output, [*heads, *below], torch.ones_like(output),
                 retain_graph=retain_graph, allow_unused=True,
             )  # fmt: skip

@@ -294,3 +294,22 @@ def test_one_pass_and_two_passes_agree(method: str, monkeypatch) -> None:
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_stepping_twice_on_one_graph_is_refused_and_changes_nothing(
+    one_pass: bool, monkeypatch
+) -> None:
+    """The one-pass path frees the graph (the clear error); the two-pass path keeps the
+    heads' part, whose weights the first step changed in place (autograd's error)."""
+    if not one_pass:
+        monkeypatch.setattr(features_module, "single_pass_applies", lambda *a: False)
+    net, opt = stateful_gradvac(7)
+    z, losses = forward(net, 10)
+    opt.step(losses, features=z)
+    opt.zero_grad()
+    before = snapshot(net, opt)
+    message = "already freed" if one_pass else "modified by an inplace operation"
+    with pytest.raises(RuntimeError, match=message):
+        opt.step(losses, features=z)
+    assert_same(snapshot(net, opt), before)
