@@ -91,7 +91,7 @@ def single_pass(
     passing = (cut.feeders[0][0], cut.feeders[0][2][0][0])
 
     def recorder(node: object, task: int, positions: list[int]):
-        def record(grad_inputs: tuple[Tensor | None, ...], _: object) -> tuple | None:
+        def record(grad_inputs: tuple[Tensor | None, ...], _: object) -> tuple:
             passed = list(grad_inputs)
             for position in positions:
                 if grad_inputs[position] is not None:
