@@ -10,18 +10,16 @@ itself, the memory held at any time is then one chunk's rows and activation grad
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from torch import Tensor
 
+from .batched_rows import Blocks
 from .handed_seeds import handed_seed_vjp
-from .task_cut import TaskCut, backward_through_heads
-
-Blocks = list[Tensor | None]
+from .task_cut import TaskCut, backward_through_heads, cut_is_the_input
 
 
 def cut_rows_in_chunks(
-    run_chunked: Callable[..., Blocks],
     cut: TaskCut,
     output: Tensor,
     heads: Sequence[Tensor],
@@ -33,8 +31,7 @@ def cut_rows_in_chunks(
     """The heads' gradients and the shared inputs' ``[m, *x.shape]`` rows, chunk by chunk.
 
     ``head_tasks[k]``: the task of ``heads[k]``. ``keep``: keep the graph after the last
-    chunk. ``run_chunked`` is :func:`mtlopt.jacobian.run_chunked`. Exceptions of the batched
-    calls propagate (the caller falls back to the loop).
+    chunk. Exceptions of the batched calls propagate (the caller falls back to the loop).
     """
     n_tasks = output.shape[0]
     head_grads: Blocks = [None] * len(heads)
@@ -52,19 +49,12 @@ def cut_rows_in_chunks(
             for block in blocks:
                 block[tasks.start : tasks.stop].zero_()
             continue
-        if _is_the_only_target(shared, targets):
+        if cut_is_the_input(targets, shared):
             parts: Blocks = held
         else:
             last = tasks.stop == n_tasks
-            parts = handed_seed_vjp(run_chunked, targets, held, shared, None, keep or not last)
+            parts = handed_seed_vjp(targets, held, shared, None, keep or not last)
         for block, part in zip(blocks, parts):
             block[tasks.start : tasks.stop].copy_(part)  # type: ignore[arg-type]
         del parts
     return head_grads, blocks
-
-
-def _is_the_only_target(shared: Sequence[Tensor], targets: list) -> bool:
-    """Whether the one shared input is the one cut target: its rows are then the seeds."""
-    if len(shared) != 1 or len(targets) != 1 or shared[0].grad_fn is None:
-        return False
-    return targets[0].node is shared[0].grad_fn and targets[0].output_nr == shared[0].output_nr

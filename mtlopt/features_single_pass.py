@@ -27,7 +27,7 @@ from .aggregation import GroupPlan, GroupResult, gramian, scale_gramian
 from .jacobian import guarded
 from .losses import NonFiniteError, TaskLosses, all_finite
 from .reachability import leaves_below
-from .task_cut import TaskCut, stack_rows
+from .task_cut import TaskCut, cut_is_the_input, stack_rows
 from .weighting.base import combine
 
 NOT_FINITE_Z = (
@@ -39,10 +39,7 @@ def applies(cut: TaskCut | None, features: Tensor, plans: list[GroupPlan], above
     """Whether :func:`single_pass` serves this step: the cut is ``z`` alone, every
     parameter above it is one task's and not also below it, and one group at most has
     parameters below it (the general path handles, or refuses, the rest)."""
-    if cut is None or len(cut.targets) != 1:
-        return False
-    target = cut.targets[0]
-    if target.node is not features.grad_fn or target.output_nr != features.output_nr:
+    if cut is None or not cut_is_the_input(cut.targets, [features]):
         return False
     if any(mask & (mask - 1) for mask in above.values()):  # a shared layer above z
         return False

@@ -20,9 +20,10 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
+from .batched_rows import run_chunked
+
 
 def handed_seed_vjp(
-    run_chunked,
     edges: Sequence[GradientEdge],
     held: list[Tensor | None],
     inputs: Sequence[Tensor],
@@ -32,7 +33,6 @@ def handed_seed_vjp(
     """Row k of each block is the backward from ``edges`` seeded with row k of ``held``.
 
     ``held`` is owned by this call: its entries are set to None once every row was read.
-    ``run_chunked`` is :func:`mtlopt.jacobian.run_chunked`.
     """
     n_rows = held[0].shape[0]  # type: ignore[union-attr]
     dummies = [

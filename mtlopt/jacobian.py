@@ -17,12 +17,12 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
-from .chunked_cut import _is_the_only_target, cut_rows_in_chunks
+from .batched_rows import Blocks, run_chunked
+from .chunked_cut import cut_rows_in_chunks
 from .handed_seeds import handed_seed_vjp
 from .reachability import GraphMasks, single_task, task_masks
-from .task_cut import backward_through_heads, find_cut
+from .task_cut import TaskCut, backward_through_heads, cut_is_the_input, find_cut
 
-Blocks = list[Tensor | None]
 Outputs = Sequence[Tensor | GradientEdge]
 
 
@@ -90,7 +90,7 @@ class JacobianEngine:
             targets = [t for t, rows in zip(cut.targets, seeds) if rows is not None]
             held = [rows for rows in seeds if rows is not None]
             del seeds  # held is now the rows' only owner: stage 2 may free them early
-            if _is_the_only_target(shared, targets):  # the representation itself, say
+            if cut_is_the_input(targets, shared):  # the representation itself, say
                 shared_blocks = iter(held)
             else:
 
@@ -122,7 +122,7 @@ class JacobianEngine:
 
     def _in_chunks(
         self,
-        cut,
+        cut: TaskCut,
         output: Tensor,
         heads: list[Tensor],
         shared: list[Tensor],
@@ -139,7 +139,6 @@ class JacobianEngine:
         try:
             return guarded(
                 cut_rows_in_chunks,
-                run_chunked,
                 cut,
                 output,
                 heads,
@@ -204,12 +203,11 @@ class JacobianEngine:
                 blocks = _batched_vjp(outputs, cotangents, inputs, self.chunk_size, keep)
             else:
                 blocks = handed_seed_vjp(
-                    run_chunked,
                     outputs,
-                    cotangents,
+                    cotangents,  # type: ignore[arg-type]
                     inputs,
                     self.chunk_size,
-                    keep,  # type: ignore[arg-type]
+                    keep,
                 )
         except Exception as error:  # vmap lacks a rule for some op of the graph
             self.fall_back(error, n_rows)
@@ -285,34 +283,6 @@ def _batched_vjp(
         return vjp
 
     return run_chunked(vjp_for, list(cotangents), chunk_size, keep)
-
-
-def run_chunked(
-    vjp_for: Callable[[bool, slice], Callable[..., tuple[Tensor | None, ...]]],
-    batched: list[Tensor],
-    chunk_size: int | None,
-    keep: bool,
-) -> Blocks:
-    """``vmap(vjp_for(retain, rows))`` over the rows of ``batched``, ``chunk_size`` rows at a
-    time (``rows``: the slice of the rows that call maps over)."""
-    n_rows = batched[0].shape[0]
-    step = n_rows if chunk_size is None else chunk_size
-    if step >= n_rows:
-        return list(torch.func.vmap(vjp_for(keep, slice(0, n_rows)))(*batched))
-    # Preallocated outputs: the transient memory is one chunk, not a second copy of J.
-    blocks: Blocks = []
-    for start in range(0, n_rows, step):
-        last = start + step >= n_rows
-        rows = slice(start, min(start + step, n_rows))
-        chunk = torch.func.vmap(vjp_for(keep or not last, rows))(
-            *[c[start : start + step] for c in batched]
-        )
-        if start == 0:
-            blocks = [None if g is None else g.new_empty((n_rows, *g.shape[1:])) for g in chunk]
-        for block, part in zip(blocks, chunk):
-            if block is not None and part is not None:
-                block[start : start + part.shape[0]].copy_(part)
-    return blocks
 
 
 def _loop_vjp(

@@ -64,6 +64,14 @@ def find_cut(graph: GraphMasks) -> TaskCut | None:
     return TaskCut(targets, feeders)
 
 
+def cut_is_the_input(targets: Sequence[GradientEdge], inputs: Sequence[Tensor]) -> bool:
+    """Whether the one cut target is the one input asked for (the representation itself,
+    say): its rows across the cut are then its per-task gradients, with nothing to add."""
+    if len(inputs) != 1 or len(targets) != 1 or inputs[0].grad_fn is None:
+        return False
+    return targets[0].node is inputs[0].grad_fn and targets[0].output_nr == inputs[0].output_nr
+
+
 def backward_through_heads(
     cut: TaskCut,
     output: Tensor,

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from mtlopt import MultiTaskOptimizer
 from mtlopt import jacobian as jacobian_module
 from mtlopt.handed_seeds import handed_seed_vjp
-from mtlopt.jacobian import JacobianEngine, _batched_vjp, run_chunked
+from mtlopt.jacobian import JacobianEngine, _batched_vjp
 from mtlopt.losses import prepare_losses
 from mtlopt.reachability import GraphMasks, single_task
 from mtlopt.task_cut import backward_through_heads, find_cut
@@ -264,7 +264,7 @@ def test_handed_seeds_match_passed_rows_and_are_released(
     _, seeds = backward_through_heads(cut, task_losses.output, [], M)
     want = _batched_vjp(cut.targets, seeds, shared, chunk_size, True)
     held = [rows.clone() for rows in seeds]
-    got = handed_seed_vjp(run_chunked, cut.targets, held, shared, chunk_size, True)
+    got = handed_seed_vjp(cut.targets, held, shared, chunk_size, True)
     assert held == [None, None]
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
