@@ -27,7 +27,7 @@ from .aggregation import GroupPlan, GroupResult, gramian, scale_gramian
 from .jacobian import guarded
 from .losses import NonFiniteError, TaskLosses, all_finite
 from .reachability import leaves_below
-from .task_cut import TaskCut, cut_is_the_input, stack_rows
+from .task_cut import TaskCut, cut_is_the_input, hold_crossings, stack_rows
 from .weighting.base import combine
 
 NOT_FINITE_Z = (
@@ -77,7 +77,7 @@ def single_pass(
 ) -> dict[int, GroupResult]:
     """The groups' updates from one backward pass (see the module's docstring)."""
     n_tasks = task_losses.n_tasks
-    parts: list[list[Tensor]] = [[] for _ in range(n_tasks)]
+    parts: list[list[list[Tensor]]] = [[[] for _ in range(n_tasks)]]  # one target: z
     below_plan = next((p for p in plans if any(id(q) not in above for q in p.params)), None)
     below = [] if below_plan is None else [p for p in below_plan.params if id(p) not in above]
     heads = list(dict.fromkeys(p for plan in plans for p in plan.params if id(p) in above))
@@ -87,20 +87,8 @@ def single_pass(
     # cannot turn "no gradient" into one); the pre-hook replaces it by d_z.
     passing = (cut.feeders[0][0], cut.feeders[0][2][0][0])
 
-    def recorder(node: object, task: int, positions: list[int]):
-        def record(grad_inputs: tuple[Tensor | None, ...], _: object) -> tuple:
-            passed = list(grad_inputs)
-            for position in positions:
-                if grad_inputs[position] is not None:
-                    parts[task].append(grad_inputs[position])
-                if (node, position) != passing:
-                    passed[position] = None
-            return tuple(passed)
-
-        return record
-
     def weigh_all() -> Tensor | None:
-        rows = stack_rows(parts)
+        rows = stack_rows(parts[0])
         z_gramian = gramian([rows])
         if not all_finite([], also=z_gramian.diagonal()):
             raise NonFiniteError(NOT_FINITE_Z)
@@ -113,10 +101,7 @@ def single_pass(
         replaced[features.output_nr] = weigh_all()
         return tuple(replaced)
 
-    handles = [
-        node.register_hook(recorder(node, task, [position for position, _ in edges]))  # type: ignore[attr-defined]
-        for node, task, edges in cut.feeders
-    ]
+    handles = hold_crossings(cut, parts, range(n_tasks), passing)
     handles.append(features.grad_fn.register_prehook(swap_in_direction))  # type: ignore[union-attr]
     output = task_losses.output
     try:

@@ -99,24 +99,7 @@ def backward_through_heads(
     # The hooks keep references to each task's gradients (no copy while autograd runs, no
     # buffer to fault in); one stack per target builds the rows at the end.
     parts: list[list[list[Tensor]]] = [[[] for _ in range(n_tasks)] for _ in cut.targets]
-
-    def recorder(task: int, edges: list[tuple[int, int]]):
-        def record(grad_inputs: tuple[Tensor | None, ...], _: object) -> tuple:
-            passed = list(grad_inputs)
-            for position, index in edges:
-                if grad_inputs[position] is not None:
-                    parts[index][task].append(grad_inputs[position])
-                # Nothing crosses: autograd need not sum the tasks' gradients at the target.
-                passed[position] = None
-            return tuple(passed)
-
-        return record
-
-    handles = [
-        node.register_hook(recorder(task, edges))  # type: ignore[attr-defined]
-        for node, task, edges in cut.feeders
-        if task in tasks
-    ]
+    handles = hold_crossings(cut, parts, tasks)
     try:
         grads = torch.autograd.grad(
             roots,
@@ -131,6 +114,36 @@ def backward_through_heads(
     # None where nothing crossed
     rows = [stack_rows(per_task[tasks.start : tasks.stop]) for per_task in parts]
     return list(grads[len(cut.targets) :]), rows
+
+
+def hold_crossings(
+    cut: TaskCut,
+    parts: list[list[list[Tensor]]],
+    tasks: range,
+    passing: tuple[object, int] | None = None,
+) -> list:
+    """Hooks on the feeders of ``tasks``: each appends its task's gradient across the cut to
+    ``parts[target][task]`` and stops it there (autograd need not sum the tasks' gradients
+    at the target), except on the edge ``passing`` (node, input position), whose gradient
+    also goes on. Returns the hooks' handles."""
+
+    def recorder(node: object, task: int, edges: list[tuple[int, int]]):
+        def record(grad_inputs: tuple[Tensor | None, ...], _: object) -> tuple:
+            passed = list(grad_inputs)
+            for position, index in edges:
+                if grad_inputs[position] is not None:
+                    parts[index][task].append(grad_inputs[position])
+                if (node, position) != passing:
+                    passed[position] = None
+            return tuple(passed)
+
+        return record
+
+    return [
+        node.register_hook(recorder(node, task, edges))  # type: ignore[attr-defined]
+        for node, task, edges in cut.feeders
+        if task in tasks
+    ]
 
 
 def stack_rows(per_task: list[list[Tensor]]) -> Tensor | None:
