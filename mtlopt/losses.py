@@ -38,8 +38,7 @@ def prepare_losses(losses: object, check_finite: bool = True) -> TaskLosses:
     if len(losses) == 0:
         raise ValueError("losses: expected at least one task loss, got an empty sequence")
     for index, loss in enumerate(losses):
-        if not _is_scalar_loss(loss):
-            _check_one(f"losses[{index}]", loss)
+        _check_one(f"losses[{index}]", loss)
     devices = {loss.device for loss in losses}
     if len(devices) > 1:
         raise ValueError(
@@ -56,16 +55,6 @@ def prepare_losses(losses: object, check_finite: bool = True) -> TaskLosses:
         # node per task to the backward pass.
         output = torch.stack([loss if loss.dim() == 0 else loss.reshape(()) for loss in losses])
     return _from_tensor(output, check_finite, checked=True)
-
-
-def _is_scalar_loss(loss: object) -> bool:
-    """The common case in one test: a 0-d floating-point tensor with a graph."""
-    return (
-        isinstance(loss, Tensor)
-        and loss.dim() == 0
-        and loss.requires_grad
-        and loss.is_floating_point()
-    )
 
 
 def _from_tensor(losses: Tensor, check_finite: bool, checked: bool = False) -> TaskLosses:
