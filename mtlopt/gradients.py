@@ -19,7 +19,7 @@ from .aggregation import (
     aggregate_per_task,
 )
 from .jacobian import JacobianEngine
-from .losses import TaskLosses
+from .losses import TaskLosses, all_finite
 from .reachability import GraphMasks
 from .weighting.base import Weighting
 
@@ -124,21 +124,14 @@ def blocks_of(jacobians: list[Jacobian]) -> list[Tensor]:
     ]
 
 
-def nonfinite_rows(jacobians: list[Jacobian]) -> list[int]:
-    """The rows (tasks, or the loss-weighted row) holding a nan or inf; empty if none.
-
-    A row sum in the blocks' own dtype propagates any nan or inf (cheap, no copy); only if
-    some sum is not finite, which large finite values can also cause, are the entries
-    themselves inspected.
-    """
-    blocks = blocks_of(jacobians)
-    return _nonfinite_rows([], blocks, blocks)
-
-
 def nonfinite_tasks(plans: list[GroupPlan], jacobian: Jacobian, extra: list[Jacobian]) -> list[int]:
-    """:func:`nonfinite_rows` after :meth:`GroupPlan.compute_gramian`: a Gramian's diagonal
-    ``sum_k J_ik^2`` is not finite when row ``i`` of its blocks is not, so those blocks are
-    not read again; the others (task heads, Jacobian weightings, extra batches) are."""
+    """The tasks whose per-task gradients hold a nan or inf; empty if none.
+
+    Run after :meth:`GroupPlan.compute_gramian`: a Gramian's diagonal ``sum_k J_ik^2`` is not
+    finite when row ``i`` of its blocks is not, so those blocks are not read again; the
+    others (task heads, Jacobian weightings, extra batches) get one fused finiteness pass
+    (:func:`mtlopt.losses.all_finite`). Only if something is not finite are the rows
+    inspected one by one."""
     gramians, covered = [], set()
     for plan in plans:
         if plan.gramian is not None:
@@ -146,15 +139,7 @@ def nonfinite_tasks(plans: list[GroupPlan], jacobian: Jacobian, extra: list[Jaco
             covered.update(id(block) for _, block in plan.shared)
     every = blocks_of([jacobian, *extra])
     rest = [block for block in every if id(block) not in covered]
-    return _nonfinite_rows(gramians, rest, every)
-
-
-def _nonfinite_rows(
-    diagonals: list[Tensor], blocks: list[Tensor], every: list[Tensor]
-) -> list[int]:
-    sums = [block.reshape(block.shape[0], -1).sum(1, dtype=torch.float32) for block in blocks]
-    sums += [d.to(torch.float32) for d in diagonals]
-    if not sums or bool(torch.isfinite(torch.stack(sums)).all()):
+    if all_finite([*rest, *gramians]):
         return []
     flat = [block.reshape(block.shape[0], -1) for block in every]
     finite = torch.stack([torch.isfinite(block).all(1) for block in flat]).all(0)
