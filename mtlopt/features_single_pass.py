@@ -26,7 +26,7 @@ from torch import Tensor
 from .aggregation import GroupPlan, GroupResult, gramian, scale_gramian
 from .jacobian import guarded
 from .losses import NonFiniteError, TaskLosses, all_finite
-from .reachability import leaves_below
+from .reachability import leaves_below, single_task
 from .task_cut import TaskCut, cut_is_the_input, hold_crossings, stack_rows
 from .weighting.base import combine
 
@@ -41,7 +41,7 @@ def applies(cut: TaskCut | None, features: Tensor, plans: list[GroupPlan], above
     parameters below it (the general path handles, or refuses, the rest)."""
     if cut is None or not cut_is_the_input(cut.targets, [features]):
         return False
-    if any(mask & (mask - 1) for mask in above.values()):  # a shared layer above z
+    if any(single_task(mask) is None for mask in above.values()):  # a shared layer above z
         return False
     if sum(any(id(p) not in above for p in plan.params) for plan in plans) > 1:
         return False
@@ -135,7 +135,9 @@ def single_pass(
             if grad is None:
                 continue
             if id(param) in above:
-                grad = head_update(grad, above[id(param)].bit_length() - 1, plan.loss_weights)
+                task = single_task(above[id(param)])
+                assert task is not None  # applies() admits one-task parameters only above z
+                grad = head_update(grad, task, plan.loss_weights)
             updates.append((param, grad))
         results[plan.index] = GroupResult(updates=updates, weights=weights, gramian=product)
     return results
