@@ -39,12 +39,10 @@ def cut_rows_in_chunks(
     for start in range(0, n_tasks, chunk_size):
         tasks = range(start, min(start + chunk_size, n_tasks))
         mine = [k for k, task in enumerate(head_tasks) if task in tasks]
-        grads, seeds = backward_through_heads(cut, output, [heads[k] for k in mine], n_tasks, tasks)
+        mine_heads = [heads[k] for k in mine]
+        grads, targets, held = backward_through_heads(cut, output, mine_heads, n_tasks, tasks)
         for k, grad in zip(mine, grads):
             head_grads[k] = grad
-        targets = [t for t, rows in zip(cut.targets, seeds) if rows is not None]
-        held = [rows for rows in seeds if rows is not None]
-        del seeds  # held is the rows' only owner: stage 2 frees them early
         if not held:  # these tasks do not reach the shared layers
             for block in blocks:
                 block[tasks.start : tasks.stop].zero_()

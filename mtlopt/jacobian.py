@@ -86,17 +86,13 @@ class JacobianEngine:
             head_grads, shared_rows = chunked
             shared_blocks = iter(shared_rows)
         elif shared:
-            head_grads, seeds = guarded(backward_through_heads, cut, output, heads, n_tasks)
-            targets = [t for t, rows in zip(cut.targets, seeds) if rows is not None]
-            held = [rows for rows in seeds if rows is not None]
-            del seeds  # held is now the rows' only owner: stage 2 may free them early
+            head_grads, targets, held = guarded(backward_through_heads, cut, output, heads, n_tasks)
             if cut_is_the_input(targets, shared):  # the representation itself, say
                 shared_blocks = iter(held)
             else:
 
                 def regenerate() -> list[Tensor]:
-                    again = guarded(backward_through_heads, cut, output, heads, n_tasks)[1]
-                    return [rows for rows in again if rows is not None]
+                    return guarded(backward_through_heads, cut, output, heads, n_tasks)[2]
 
                 shared_blocks = iter(self.vjp_rows(targets, held, shared, retain_graph, regenerate))
         else:  # only task heads: one ordinary backward of the sum gives every block

@@ -78,11 +78,11 @@ def backward_through_heads(
     head_inputs: Sequence[Tensor],
     n_tasks: int,
     tasks: range | None = None,
-) -> tuple[list[Tensor | None], list[Tensor | None]]:
+) -> tuple[list[Tensor | None], list[GradientEdge], list[Tensor]]:
     """Stage 1: the gradients of ``head_inputs`` (each reached by one task, so the gradient
-    of the sum is that task's own) and, per cut target, the ``[m, *shape]`` rows of each
-    task's gradient across the cut (zeros for a task that does not reach it; None where
-    nothing crossed).
+    of the sum is that task's own), and the cut targets that some gradient crossed with
+    their ``[m, *shape]`` rows of each task's gradient (zeros for a task that does not reach
+    the target). The rows list is their only reference: stage 2 may free them early.
 
     ``tasks``: only these tasks' losses are differentiated (the rows are theirs); their
     losses must be separate inputs of ``output``'s stack (what :func:`find_cut` requires).
@@ -111,9 +111,12 @@ def backward_through_heads(
     finally:
         for handle in handles:
             handle.remove()
-    # None where nothing crossed
-    rows = [stack_rows(per_task[tasks.start : tasks.stop]) for per_task in parts]
-    return list(grads[len(cut.targets) :]), rows
+    crossed = [
+        (target, rows)
+        for target, per_task in zip(cut.targets, parts)
+        if (rows := stack_rows(per_task[tasks.start : tasks.stop])) is not None
+    ]
+    return list(grads[len(cut.targets) :]), [t for t, _ in crossed], [r for _, r in crossed]
 
 
 def hold_crossings(
