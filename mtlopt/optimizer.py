@@ -35,6 +35,7 @@ from .losses import (
     loss_values,
     prepare_losses,
 )
+from .step_wrapper import hooked_step
 from .weighting import resolve
 from .weighting.base import Weighting
 from .weighting.baselines import Mean
@@ -88,6 +89,10 @@ class MultiTaskOptimizer(Optimizer):
             ``False`` never, a ProcessGroup over that group. Every rank must pass the same
             number of losses and build its weightings with the same seeds.
     """
+
+    #: torch.optim's step wrapper (step hooks, profiler range), with the range opened only
+    #: while a profiler runs.
+    profile_hook_step = staticmethod(hooked_step)
 
     def __init__(
         self,

@@ -31,7 +31,7 @@ def count_general_path(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     general = gradients_module.per_task_gradients
 
-    def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def counting(*args, **kwargs):
         calls.append(1)
         return general(*args, **kwargs)
 
@@ -52,6 +52,31 @@ def test_direct_path_writes_the_weighted_sum(count_general_path: list[int]) -> N
         torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
     assert opt.last_step[0].weights.tolist() == list(WEIGHTS)
     assert net.unused.weight.grad is None  # reached by no loss
+
+
+class TaggedParameter(nn.Parameter):
+    """A Parameter subclass: the direct path hands it to the public torch.autograd.backward."""
+
+
+def test_parameter_subclass_takes_the_public_backward(
+    count_general_path: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    net = Net().double()
+    net.encoder[0].weight = TaggedParameter(net.encoder[0].weight.detach().clone())
+    params = [*net.encoder.parameters(), *net.heads.parameters()]
+    want = reference_grads(net, params, 0)
+    public = []
+    backward = torch.autograd.backward
+    monkeypatch.setattr(
+        torch.autograd, "backward", lambda *a, **k: public.append(1) or backward(*a, **k)
+    )
+    opt = optimizer(net, params)
+    opt.zero_grad()
+    opt.step(net.losses(*make_batch(0)))
+    assert public and not count_general_path
+    for p, g in zip(params, want):
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
 
 
 def test_parameter_outside_the_optimizer_gets_no_grad(count_general_path: list[int]) -> None:

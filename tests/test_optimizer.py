@@ -8,6 +8,7 @@ import pickle
 import pytest
 import torch
 from torch.optim import lr_scheduler
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from mtlopt import MultiTaskOptimizer
 from mtlopt.weighting import IMTLL, GradVac, IMTLG, Mean, Sum
@@ -232,6 +233,49 @@ def test_step_hooks_fire() -> None:
     opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
     opt.step(net.losses(*make_batch(0)))
     assert calls == ["pre", "post"]
+
+
+def test_global_step_hooks_and_argument_replacement() -> None:
+    net, opt = fresh()
+    calls = []
+    replacement = net.losses(*make_batch(1))
+
+    def pre(o, args, kwargs):  # noqa: ANN001, ANN202
+        calls.append(("pre", o is opt))
+        return (args[0], replacement), kwargs
+
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, a, k: calls.append("g")),
+        opt.register_step_pre_hook(pre),
+        register_optimizer_step_post_hook(
+            lambda o, a, k: calls.append(("g-post", a[1:] == (replacement,)))
+        ),
+    ]
+    try:
+        opt.step(net.losses(*make_batch(0)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    # Global pre-hooks run first; the base optimizer's own step fires the global hooks too;
+    # the post-hooks see the arguments the pre-hook put in.
+    assert calls[:3] == ["g", ("pre", True), "g"]
+    assert calls[-1] == ("g-post", True)
+
+
+def test_step_hook_with_a_bad_return_value_raises() -> None:
+    net, opt = fresh()
+    opt.register_step_pre_hook(lambda o, args, kwargs: "oops")
+    with pytest.raises(RuntimeError, match="must return None or a tuple"):
+        opt.step(net.losses(*make_batch(0)))
+
+
+def test_step_opens_a_profiler_range_while_profiling() -> None:
+    net, opt = fresh()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step(net.losses(*make_batch(0)))
+    names = {event.name for event in prof.events()}
+    assert "Optimizer.step#MultiTaskOptimizer.step" in names
+    assert f"Optimizer.step#{type(opt.optimizer).__name__}.step" in names
 
 
 def test_state_dict_hooks_fire() -> None:
