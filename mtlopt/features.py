@@ -17,8 +17,6 @@ reaches the losses around ``z`` would get its gradient through ``z`` only, so it
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor
 
@@ -29,7 +27,7 @@ from .jacobian import JacobianEngine
 from .losses import NonFiniteError, TaskLosses, all_finite
 from .reachability import GraphMasks, single_task
 from .task_cut import find_cut
-from .weighting.base import combine
+from .weighting.base import combine, snapshot
 
 
 def check_features(features: object, plans: list[GroupPlan]) -> Tensor:
@@ -95,7 +93,7 @@ def representation_backward(
     directions: list[tuple[GroupPlan, Tensor]] = []
     # Gramian and loss weightings keep small state: a copy restores it if a gradient below
     # the representation turns out not finite.
-    saved = [(plan.weighting, copy.deepcopy(plan.weighting.state_dict())) for plan in plans]
+    saved = [(plan.weighting, snapshot(plan.weighting.state_dict())) for plan in plans]
     for plan in plans:
         weights, product, applied = weigh(plan, z_gramian, task_losses.values)
         results[plan.index] = GroupResult(

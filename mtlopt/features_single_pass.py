@@ -18,8 +18,6 @@ benchmark MLP at m = 10 (IMTL-G). The numbers are the general path's.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor
 
@@ -28,7 +26,7 @@ from .jacobian import guarded
 from .losses import NonFiniteError, TaskLosses, all_finite
 from .reachability import leaves_below, single_task
 from .task_cut import TaskCut, cut_is_the_input, hold_crossings, stack_rows
-from .weighting.base import combine
+from .weighting.base import combine, snapshot
 
 NOT_FINITE_Z = (
     "losses: the per-task gradients of the representation are not finite; nothing was changed"
@@ -81,7 +79,7 @@ def single_pass(
     below_plan = next((p for p in plans if any(id(q) not in above for q in p.params)), None)
     below = [] if below_plan is None else [p for p in below_plan.params if id(p) not in above]
     heads = list(dict.fromkeys(p for plan in plans for p in plan.params if id(p) in above))
-    saved = [(plan.weighting, copy.deepcopy(plan.weighting.state_dict())) for plan in plans]
+    saved = [(plan.weighting, snapshot(plan.weighting.state_dict())) for plan in plans]
     weighed: dict[int, tuple[Tensor, Tensor | None, Tensor]] = {}
     # One edge into z passes its gradient on, so that autograd runs z's node (a pre-hook
     # cannot turn "no gradient" into one); the pre-hook replaces it by d_z.

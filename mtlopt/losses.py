@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,12 +20,24 @@ class TaskLosses:
     """The m losses in the forms the step needs."""
 
     output: Tensor  #: 1-D tensor of the m losses, in the graph (what autograd differentiates)
-    roots: list[object | None]  #: each task's own graph node (reachability starts there)
     values: Tensor  #: detached float64 copy of the loss values
 
     @property
     def n_tasks(self) -> int:
         return self.output.shape[0]
+
+    @functools.cached_property
+    def roots(self) -> list[object | None]:
+        """Each task's own graph node, where reachability starts (read only by the paths
+        that need per-task gradients)."""
+        node = self.output.grad_fn
+        n_tasks = self.n_tasks
+        children = [] if node is None else [child for child, _ in node.next_functions]
+        if type(node).__name__ == "StackBackward0" and len(children) == n_tasks:
+            # torch.stack of scalars: entry i depends on input i only (a leaf input's edge
+            # is its AccumulateGrad node, so a parameter used directly as a loss is found too).
+            return children
+        return [node] * n_tasks  # cannot tell the tasks apart: no task heads
 
 
 def prepare_losses(losses: object, check_finite: bool = True) -> TaskLosses:
@@ -67,15 +80,7 @@ def _from_tensor(losses: Tensor, check_finite: bool, checked: bool = False) -> T
                 f"{tuple(losses.shape)} (pass [loss] for a single task)"
             )
         _check_one("losses", losses, scalar=False)
-    node = losses.grad_fn
-    children = [] if node is None else [child for child, _ in node.next_functions]
-    if type(node).__name__ == "StackBackward0" and len(children) == losses.numel():
-        # torch.stack of scalars: entry i depends on input i only (a leaf input's edge is its
-        # AccumulateGrad node, so a parameter used directly as a loss is found too).
-        roots = children
-    else:
-        roots = [node] * losses.numel()  # cannot tell the tasks apart: no task heads
-    task_losses = TaskLosses(output=losses, roots=roots, values=losses.detach().double())
+    task_losses = TaskLosses(output=losses, values=losses.detach().double())
     if check_finite:
         check_finite_values(task_losses.values)
     return task_losses

@@ -352,6 +352,7 @@ class MultiTaskOptimizer(Optimizer):
             output = task_losses.output
             scale = scaler.scale(torch.ones((), dtype=torch.float32, device=output.device))
             for batch in (task_losses, *extra):
+                batch.roots  # noqa: B018 -- read from the unscaled stack, before it is wrapped
                 with torch.enable_grad():
                     batch.output = batch.output * scale.to(batch.output.dtype)
         if (

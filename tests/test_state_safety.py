@@ -237,3 +237,36 @@ def test_adatask_role_change_in_one_group_leaves_every_group_untouched() -> None
     with pytest.raises(ValueError, match="was a task head"):
         opt.step(losses(1, share=True))
     assert_same(snapshot(net, opt), before)
+
+
+def test_state_snapshot_is_independent_of_the_live_state() -> None:
+    from fractions import Fraction
+
+    from mtlopt.weighting.base import snapshot as state_snapshot
+
+    live_tensor = torch.arange(4.0)
+    state = {
+        "n_tasks": 3,
+        "beta": 0.5,
+        "name": "x",
+        "flag": True,
+        "none": None,
+        "tensor": live_tensor,
+        "nested": {"history": [torch.ones(2), (torch.zeros(1), 7)]},
+        "other": [Fraction(1, 3)],
+    }
+    want = copy.deepcopy(state)
+    copied = state_snapshot(state)
+    live_tensor.add_(10)
+    state["nested"]["history"][0].mul_(5)
+    state["nested"]["history"].append("late")
+    state["other"].append(1)
+    assert copied.keys() == want.keys()
+    assert torch.equal(copied["tensor"], want["tensor"])
+    assert torch.equal(copied["nested"]["history"][0], want["nested"]["history"][0])
+    assert isinstance(copied["nested"]["history"][1], tuple)
+    assert len(copied["nested"]["history"]) == 2
+    assert copied["other"] == want["other"]
+    assert {k: copied[k] for k in ("n_tasks", "beta", "name", "flag", "none")} == {
+        k: want[k] for k in ("n_tasks", "beta", "name", "flag", "none")
+    }

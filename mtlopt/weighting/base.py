@@ -178,6 +178,22 @@ class Weighting:
         return clone
 
 
+def snapshot(state: Any) -> Any:
+    """A copy of a state dict that later in-place changes cannot reach: containers copied,
+    tensors cloned, immutable scalars shared. ``copy.deepcopy`` does the same for ten
+    times the time (its memo and reduce protocol cost about 0.1 ms a step on a GradVac
+    state); other objects still go through it."""
+    if isinstance(state, Tensor):
+        return state.detach().clone()
+    if isinstance(state, dict):
+        return {key: snapshot(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)) and type(state) in (list, tuple):
+        return type(state)(snapshot(value) for value in state)
+    if state is None or isinstance(state, (bool, int, float, str)):
+        return state
+    return copy.deepcopy(state)
+
+
 def combine(weights: Tensor, block: Tensor) -> Tensor:
     """``sum_i weights_i block_i``: one tensor's update from its per-task gradients."""
     return torch.tensordot(weights.to(block.dtype), block, dims=1)
