@@ -109,6 +109,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds at most")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds")
     parser.add_argument("--budget", type=float, default=None, help="seconds per (workload, m)")
+    parser.add_argument(
+        "--burst",
+        type=float,
+        default=None,
+        help="seconds of consecutive steps per contender and round (default 0.02; 0: one step)",
+    )
     parser.add_argument("--weighting-tasks", type=int, nargs="+", default=None)
     parser.add_argument("--chunk-size", type=int, default=2, help="chunked-memory row; 0: none")
     parser.add_argument("--no-torchjd", action="store_true", help="leave torchjd out")
@@ -129,6 +135,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else 1
     args.min_repeats = min(args.repeats, 2 if quick else 5)
     args.budget = args.budget if args.budget is not None else (2.0 if quick else 12.0)
+    args.burst = args.burst if args.burst is not None else (0.0 if quick else 0.02)
     args.weighting_tasks = args.weighting_tasks or (args.tasks if quick else [10, 40])
     args.weighting_repeats = 5 if quick else 30
     return args
@@ -182,7 +189,7 @@ def measure_config(
     notes.extend(f"{where}: {note}" for note in build_notes)
     timing = round_robin(
         contenders, device, args.warmup, args.repeats, args.min_repeats, args.budget, args.seed,
-        clock=CLOCKS[args.clock],
+        clock=CLOCKS[args.clock], burst_s=args.burst,
     )  # fmt: skip
     for (method, kind), error in timing.failures.items():
         notes.append(f"{where}: {kind} {method} failed and was dropped: {error}")
@@ -246,12 +253,21 @@ LEGEND = (
 )
 
 
+def _burst_text(burst_s: float) -> str:
+    if burst_s <= 0:
+        return "One timed step per contender and round. "
+    return (
+        f"Per round, each contender steps until its steps add up to {burst_s * 1e3:.0f} ms "
+        "(8 steps at most), each step timed; the median is over all these steps. "
+    )
+
+
 def render(result: BenchmarkReport, args: argparse.Namespace) -> str:
     lines = ["# Step time and memory: mtlopt against its peers", "", *result.header, ""]
     lines += [
         "Command: `python -m benchmarks.step_time " + " ".join(args.argv) + "`",
         "",
-        f"Clock: {CLOCK_TEXT[args.clock]}. " + LEGEND,
+        f"Clock: {CLOCK_TEXT[args.clock]}. " + _burst_text(args.burst) + LEGEND,
         "",
     ]
     headline = _headline(result.configs)

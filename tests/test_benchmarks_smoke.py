@@ -104,3 +104,37 @@ def test_contenders_run_the_same_method(name: str) -> None:
     assert scale > 0
     for other in moved[1:]:
         assert (other - moved[0]).abs().max() <= 1e-3 * scale
+
+
+def test_round_robin_bursts_take_cheap_steps_several_times_a_round() -> None:
+    from benchmarks.contenders import Contender
+    from benchmarks.measure import round_robin
+
+    now = [0.0]
+    calls = {"cheap": 0, "dear": 0}
+
+    def stepper(name: str, seconds: float):  # noqa: ANN202
+        def step() -> None:
+            calls[name] += 1
+            now[0] += seconds
+
+        return step
+
+    cheap = Contender("cheap", "", stepper("cheap", 0.004), None)
+    dear = Contender("dear", "", stepper("dear", 0.05), None)
+    timing = round_robin(
+        [cheap, dear], torch.device("cpu"), warmup=1, repeats=3, min_repeats=3,
+        budget_s=1e9, clock=lambda: now[0], burst_s=0.02, max_burst=8,
+    )  # fmt: skip
+    # Warm-up: one step each; then per round 5 cheap steps (5 x 4 ms reaches 20 ms), 1 dear.
+    assert calls == {"cheap": 1 + 3 * 5, "dear": 1 + 3}
+    assert len(timing.samples[cheap.key]) == 15
+    assert timing.samples[dear.key] == pytest.approx([0.05] * 3)
+    assert timing.rounds == 3
+
+    calls.update(cheap=0, dear=0)
+    capped = round_robin(
+        [cheap], torch.device("cpu"), warmup=0, repeats=2, min_repeats=2,
+        budget_s=1e9, clock=lambda: now[0], burst_s=10.0, max_burst=8,
+    )  # fmt: skip
+    assert calls["cheap"] == 16 and len(capped.samples[cheap.key]) == 16
