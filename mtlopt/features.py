@@ -23,8 +23,9 @@ from torch import Tensor
 from .aggregation import GroupPlan, GroupResult, gramian
 from .features_single_pass import applies as single_pass_applies
 from .features_single_pass import head_update, single_pass, weigh
+from .finiteness import all_finite
 from .jacobian import JacobianEngine
-from .losses import NonFiniteError, TaskLosses, all_finite
+from .losses import NonFiniteError, TaskLosses
 from .reachability import GraphMasks, single_task
 from .task_cut import find_cut
 from .weighting.base import combine, snapshot

@@ -22,8 +22,9 @@ import torch
 from torch import Tensor
 
 from .aggregation import GroupPlan, GroupResult, gramian, scale_gramian
+from .finiteness import all_finite
 from .jacobian import guarded
-from .losses import NonFiniteError, TaskLosses, all_finite
+from .losses import NonFiniteError, TaskLosses
 from .reachability import leaves_below, single_task
 from .task_cut import TaskCut, cut_is_the_input, hold_crossings, stack_rows
 from .weighting.base import combine, snapshot

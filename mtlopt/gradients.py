@@ -18,8 +18,9 @@ from .aggregation import (
     aggregate_loss_only,
     aggregate_per_task,
 )
+from .finiteness import all_finite
 from .jacobian import JacobianEngine
-from .losses import TaskLosses, all_finite
+from .losses import TaskLosses
 from .reachability import GraphMasks
 from .weighting.base import Weighting
 
@@ -130,7 +131,7 @@ def nonfinite_tasks(plans: list[GroupPlan], jacobian: Jacobian, extra: list[Jaco
     Run after :meth:`GroupPlan.compute_gramian`: a Gramian's diagonal ``sum_k J_ik^2`` is not
     finite when row ``i`` of its blocks is not, so those blocks are not read again; the
     others (task heads, Jacobian weightings, extra batches) get one fused finiteness pass
-    (:func:`mtlopt.losses.all_finite`). Only if something is not finite are the rows
+    (:func:`mtlopt.finiteness.all_finite`). Only if something is not finite are the rows
     inspected one by one."""
     gramians, covered = [], set()
     for plan in plans:

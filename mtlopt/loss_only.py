@@ -14,8 +14,9 @@ import torch
 from torch import Tensor
 
 from .aggregation import GroupPlan, GroupResult
+from .finiteness import all_finite
 from .jacobian import guarded
-from .losses import NonFiniteError, TaskLosses, all_finite
+from .losses import NonFiniteError, TaskLosses
 
 
 def applies(plans: list[GroupPlan]) -> bool:

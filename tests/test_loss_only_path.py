@@ -143,7 +143,7 @@ def test_non_finite_gradient_leaves_everything_untouched(policy: str) -> None:
     ],
 )
 def test_all_finite_against_isfinite(values: list[float], expected: bool) -> None:
-    from mtlopt.losses import all_finite
+    from mtlopt.finiteness import all_finite
 
     tensors = [torch.tensor(values), torch.ones(3, dtype=torch.float64), torch.ones(2, 2).T]
     before = [t.clone() for t in tensors]

@@ -1,0 +1,54 @@
+"""mtlopt.finiteness.all_finite against torch.isfinite."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mtlopt.finiteness import all_finite
+
+BIG = 16384
+
+
+def reference(tensors: list[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.sampled_from([1, 7, BIG - 1, BIG, 3 * BIG + 5]),
+                   min_size=1, max_size=4),
+    bad=st.lists(st.tuples(st.integers(0, 3), st.floats(0, 1),
+                           st.sampled_from([float("nan"), float("inf"), -float("inf"), 3e38])),
+                 max_size=3),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.float16]),
+    transposed=st.booleans(),
+)  # fmt: skip
+def test_matches_isfinite(sizes, bad, dtype, transposed) -> None:
+    generator = torch.Generator().manual_seed(len(sizes))
+    tensors = [torch.randn(size, generator=generator).to(dtype) for size in sizes]
+    for which, where, value in bad:
+        if which < len(tensors):
+            tensor = tensors[which]
+            tensor[int(where * (tensor.numel() - 1))] = value
+    if transposed and tensors[0].numel() % 2 == 0:
+        tensors[0] = tensors[0].view(2, -1).t()  # not contiguous: checked value by value
+    assert all_finite(tensors) == reference(tensors)
+
+
+def test_huge_finite_values_are_finite() -> None:
+    huge = torch.full((BIG,), 3e38)  # finite values whose squares or sum would overflow
+    assert all_finite([huge])
+    huge[5] = float("nan")
+    assert not all_finite([huge])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_also_and_mixed_sizes(value: float) -> None:
+    big, small = torch.ones(2 * BIG, dtype=torch.float64), torch.ones(3)
+    assert all_finite([big, small], also=torch.ones(2))
+    assert not all_finite([big, small], also=torch.tensor([1.0, value]))
+    big[-1] = value
+    assert not all_finite([big, small])
