@@ -138,3 +138,13 @@ def test_round_robin_bursts_take_cheap_steps_several_times_a_round() -> None:
         budget_s=1e9, clock=lambda: now[0], burst_s=10.0, max_burst=8,
     )  # fmt: skip
     assert calls["cheap"] == 16 and len(capped.samples[cheap.key]) == 16
+
+
+def test_allocator_script_runs_both_settings() -> None:
+    from benchmarks.allocator import STEPS, main
+
+    results = main(["--tasks", "2", "--steps", "2", "--threads", "1"])
+    assert set(results) == {"glibc default", "tuned"}
+    for measured in results.values():
+        assert set(measured) == set(STEPS)
+        assert all(ms > 0 and faults >= 0 for ms, faults in measured.values())
