@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent  #: the repository, where ``-m ben
 
 def measure(n_tasks: int, steps: int, threads: int) -> dict[str, tuple[float, float]]:
     """Per step kind: (median ms, minor page faults per step), in this process."""
+    import resource  # Unix only
+
     import torch
 
     from benchmarks import contenders
@@ -80,13 +81,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, tuple[float, floa
         return {}
     command = [sys.executable, "-m", "benchmarks.allocator", "--child", "--tasks",
                str(args.tasks), "--steps", str(args.steps), "--threads", str(args.threads)]  # fmt: skip
-    default_env = {k: v for k, v in os.environ.items() if k not in TUNED}
+    # The baseline is glibc's own behaviour: no malloc tunables, no preloaded allocator.
+    default_env = {k: v for k, v in os.environ.items() if not _affects_malloc(k)}
     settings = {"glibc default": default_env, "tuned": {**default_env, **TUNED}}
     results = {}
     for name, env in settings.items():
         output = subprocess.run(
-            command, env=env, cwd=ROOT, capture_output=True, text=True, check=True
+            command, check=False, env=env, cwd=ROOT, capture_output=True, text=True
         )
+        if output.returncode != 0:
+            raise RuntimeError(f"benchmarks.allocator ({name}) failed:\n{output.stderr}")
         results[name] = json.loads(output.stdout.strip().splitlines()[-1])
     print(f"MLP 256-512-512, m = {args.tasks}, IMTL-G, {args.threads} threads, median of "
           f"{args.steps} steps; tuned: " + " ".join(f"{k}={v}" for k, v in TUNED.items()))  # fmt: skip
@@ -98,6 +102,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, tuple[float, floa
         )
         print(f"{kind:16s}{cells}")
     return results
+
+
+def _affects_malloc(name: str) -> bool:
+    return name.startswith("MALLOC_") or name in ("GLIBC_TUNABLES", "LD_PRELOAD")
 
 
 if __name__ == "__main__":

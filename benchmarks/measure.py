@@ -21,6 +21,7 @@ from .workloads import MLP
 
 Key = tuple[str, str]
 _MARK_BYTES = 7_919_017  #: a size no step allocates
+MAX_BURST = 8  #: steps per contender and round at most, in a burst
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:
@@ -54,7 +55,7 @@ def round_robin(
     seed: int = 0,
     clock: Callable[[], float] = time.perf_counter,
     burst_s: float = 0.0,
-    max_burst: int = 8,
+    max_burst: int = MAX_BURST,
 ) -> RoundRobin:
     """Step every contender once per round, in a fresh random order each round, so that drift
     and neighbours hit all alike. After ``warmup`` untimed rounds, stop after ``repeats``
@@ -64,10 +65,11 @@ def round_robin(
     ``burst_s``: within its turn, a contender keeps stepping (each step timed on its own)
     until its steps add up to ``burst_s`` seconds or ``max_burst`` steps. A 5 ms step then
     gives several samples a round, and most of them follow a step of its own, as in a
-    training loop, rather than another contender's. On the 2-core benchmark machine this
-    steadied the ratios between runs: the Mean/plain ratio (MLP, m = 10) read 1.062-1.067 in
-    three runs with 20 ms bursts, 1.01-1.22 in four with one step a round. A step longer
-    than ``burst_s`` is taken once a round, as without bursts."""
+    training loop, rather than another contender's. In a trial on the 2-core benchmark
+    machine (16 contenders, MLP at m = 10) the Mean/plain ratio read 1.062-1.067 in three
+    runs with 20 ms bursts and 1.01-1.22 in four with one step a round; full harness runs
+    still differ by a few percent from one to the next. A step longer than ``burst_s`` is
+    taken once a round, as without bursts."""
     sync = synchronizer(device)
     result = RoundRobin(samples={c.key: [] for c in contenders})
     alive = list(contenders)

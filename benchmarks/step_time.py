@@ -67,6 +67,7 @@ import torch
 from benchmarks import report
 from benchmarks.contenders import build_contenders, has_representation_mode, mtlopt
 from benchmarks.measure import (
+    MAX_BURST,
     WeightingInput,
     mtlopt_weighting_call,
     peak_bytes,
@@ -258,7 +259,7 @@ def _burst_text(burst_s: float) -> str:
         return "One timed step per contender and round. "
     return (
         f"Per round, each contender steps until its steps add up to {burst_s * 1e3:.0f} ms "
-        "(8 steps at most), each step timed; the median is over all these steps. "
+        f"({MAX_BURST} steps at most), each step timed; the median is over all these steps. "
     )
 
 

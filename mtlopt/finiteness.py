@@ -23,7 +23,7 @@ def all_finite(tensors: list[Tensor], also: Tensor | None = None) -> bool:
     flags = []
     try:
         for device, group in by_device.items():
-            flag = torch.zeros(1, device=device)
+            flag = torch.zeros(1, dtype=torch.float32, device=device)
             torch._amp_foreach_non_finite_check_and_unscale_(group, flag, _one_on(device))
             flags.append(flag)
     except (RuntimeError, NotImplementedError, AttributeError):
@@ -44,5 +44,5 @@ def _one_on(device: torch.device) -> Tensor:
     """A float32 one on ``device``, made once (the check's unit scale, never written)."""
     one = _ONES.get(device)
     if one is None:
-        one = _ONES[device] = torch.ones(1, device=device)
+        one = _ONES[device] = torch.ones(1, dtype=torch.float32, device=device)
     return one

@@ -37,7 +37,20 @@ def build_plans(
         weighting.check_n_tasks(task_losses.n_tasks)
         params = [p for p in group["params"] if p.requires_grad]
         scale = weighting.loss_weights(task_losses.values)
+        if scale is not None and (
+            not isinstance(scale, torch.Tensor) or scale.shape != task_losses.values.shape
+        ):
+            raise ValueError(
+                f"{weighting!r}: loss_weights should return a tensor of shape "
+                f"({task_losses.n_tasks},) or None, got "
+                f"{tuple(scale.shape) if isinstance(scale, torch.Tensor) else type(scale).__name__}"
+            )
         plans.append(GroupPlan(index, weighting, params, scale))
+    if plans and not any(plan.params for plan in plans):
+        raise ValueError(
+            "param_groups: no parameter of the optimizer requires grad (all frozen), so there "
+            "is nothing to differentiate; unfreeze some or skip the step"
+        )
     return plans
 
 

@@ -29,7 +29,10 @@ def applies(plans: list[GroupPlan]) -> bool:
         for plan in plans[1:]
     ):
         return False
-    return all(p.grad is None for plan in plans for p in plan.params)
+    params = [p for plan in plans for p in plan.params]
+    # No parameter to differentiate (all frozen): the general path handles it; an engine
+    # call without inputs would write into every leaf of the graph.
+    return bool(params) and all(p.grad is None for p in params)
 
 
 def backward_into_grad(
@@ -57,23 +60,26 @@ def backward_into_grad(
 def _backward(output: Tensor, weights: Tensor, params: list[Tensor], retain_graph: bool) -> None:
     """``torch.autograd.backward(output, weights, inputs=params)``.
 
-    For plain tensors it calls the engine the way that function does, without its
-    argument normalisation (tens of microseconds a step, a few percent of a small model's
-    backward); tensor subclasses (DTensor and the like) take the public function, which
-    dispatches their ``__torch_function__``.
+    Where that function would only normalise its arguments and call the engine (no
+    ``__torch_function__`` override or mode, no functorch transform active), the engine is
+    called directly: the normalisation costs tens of microseconds a step, a few percent of a
+    small model's backward. Otherwise (DTensor, a TorchFunctionMode, ...) the public
+    function runs, with its dispatch and its errors.
     """
-    plain = (
+    direct = (
         _engine_run_backward is not None
-        and type(output) is Tensor
-        and all(type(p) in _PLAIN for p in params)
+        and params
+        and weights.shape == output.shape
+        and not torch._C._are_functorch_transforms_active()
+        and not torch.overrides.has_torch_function((output, *params))
     )
-    if not plain:
+    if not direct:
         torch.autograd.backward(output, weights, retain_graph=retain_graph, inputs=params)
         return
     _engine_run_backward(
         (output,),
         (weights,),
-        retain_graph,
+        bool(retain_graph),
         False,
         tuple(params),
         allow_unreachable=True,
@@ -81,7 +87,6 @@ def _backward(output: Tensor, weights: Tensor, params: list[Tensor], retain_grap
     )
 
 
-_PLAIN = (Tensor, torch.nn.Parameter)
 try:
     from torch.autograd.graph import _engine_run_backward
 except ImportError:  # a torch without it: the public function serves

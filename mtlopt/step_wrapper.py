@@ -3,8 +3,12 @@
 ``torch.optim.Optimizer`` wraps every subclass's ``step`` to run the step hooks and to open a
 ``record_function`` range for the profiler. Opening that range costs tens of microseconds
 even when no profiler listens (two dispatched ops), and the base optimizer's own ``step``
-opens one too. This wrapper behaves the same (same hooks, same order, same range name, the
-same entry point for Python tracing) but opens the range only while a profiler is enabled.
+opens one too. This wrapper runs the same hooks in the same order, with the same argument
+replacement, errors and entry point for Python tracing, and opens the same range only while
+a profiler is enabled on this thread (``torch.autograd._profiler_enabled()``, the test torch
+itself uses in RPC and data pipes). Observers that attach without enabling the profiler
+(on-demand Kineto tracing, a standalone execution-trace observer) do not see the wrapper's
+range; they still see the base optimizer's, which torch's own wrapper opens.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ def hooked_step(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         self = args[0]
-        if not torch._C._autograd._profiler_enabled():
+        if not torch.autograd._profiler_enabled():
             return _run_with_hooks(func, self, args, kwargs)
         name = f"Optimizer.step#{type(self).__name__}.step"
         with torch.autograd.profiler.record_function(name):

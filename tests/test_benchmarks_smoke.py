@@ -141,6 +141,7 @@ def test_round_robin_bursts_take_cheap_steps_several_times_a_round() -> None:
 
 
 def test_allocator_script_runs_both_settings() -> None:
+    pytest.importorskip("resource")  # page-fault counts: Unix only
     from benchmarks.allocator import STEPS, main
 
     results = main(["--tasks", "2", "--steps", "2", "--threads", "1"])

@@ -52,3 +52,17 @@ def test_also_and_mixed_sizes(value: float) -> None:
     assert not all_finite([big, small], also=torch.tensor([1.0, value]))
     big[-1] = value
     assert not all_finite([big, small])
+
+
+def test_the_unit_scale_is_float32_whatever_the_default_dtype(monkeypatch) -> None:
+    from mtlopt import finiteness
+
+    monkeypatch.setattr(finiteness, "_ONES", {})
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert all_finite([torch.ones(3)])
+        assert not all_finite([torch.tensor([1.0, float("nan")])])
+    finally:
+        torch.set_default_dtype(default)
+    assert finiteness._ONES[torch.device("cpu")].dtype == torch.float32

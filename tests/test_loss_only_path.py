@@ -55,7 +55,12 @@ def test_direct_path_writes_the_weighted_sum(count_general_path: list[int]) -> N
 
 
 class TaggedParameter(nn.Parameter):
-    """A Parameter subclass: the direct path hands it to the public torch.autograd.backward."""
+    """A Parameter subclass that overrides ``__torch_function__`` (as DTensor does): the
+    direct path hands it to the public torch.autograd.backward."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return super().__torch_function__(func, types, args, kwargs or {})
 
 
 def test_parameter_subclass_takes_the_public_backward(
@@ -199,3 +204,74 @@ def test_sparse_embedding_gradients() -> None:
     with pytest.raises(NonFiniteError, match="gradients"):
         opt.step(broken)
     assert embedding.weight.grad is None and torch.equal(embedding.weight, moved)
+
+
+def test_plain_parameters_take_the_direct_engine_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    net = Net().double()
+    params = [*net.encoder.parameters(), *net.heads.parameters()]
+    want = reference_grads(net, params, 0)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the public torch.autograd.backward was called")
+
+    monkeypatch.setattr(torch.autograd, "backward", refuse)
+    opt = optimizer(net, params)
+    opt.zero_grad()
+    opt.backward(net.losses(*make_batch(0)), retain_graph=None)  # None: as torch accepts it
+    for p, g in zip(params, want):
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
+
+
+def test_a_torch_function_mode_sees_the_public_backward() -> None:
+    from torch.overrides import TorchFunctionMode
+
+    class Recording(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[object] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    net = Net().double()
+    params = [*net.encoder.parameters(), *net.heads.parameters()]
+    want = reference_grads(net, params, 0)
+    opt = optimizer(net, params)
+    opt.zero_grad()
+    losses = net.losses(*make_batch(0))
+    with Recording() as mode:
+        opt.step(losses)
+    assert torch.autograd.backward in mode.seen
+    for p, g in zip(params, want):
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("weighting", ["mean", "imtlg"])
+def test_all_frozen_parameters_are_refused_before_anything_moves(weighting: str) -> None:
+    frozen, other = nn.Linear(3, 3), nn.Linear(3, 2)
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    opt = MultiTaskOptimizer(torch.optim.SGD(frozen.parameters(), lr=0.1), weighting=weighting)
+    out = other(frozen(torch.randn(4, 3)))
+    with pytest.raises(ValueError, match="no parameter of the optimizer requires grad"):
+        opt.step([out[:, 0].mean(), out[:, 1].mean()])
+    assert other.weight.grad is None  # outside the optimizer: never written
+
+
+def test_loss_weights_of_the_wrong_shape_are_refused() -> None:
+    class Broken(Constant, register=False):
+        def loss_weights(self, losses: torch.Tensor) -> torch.Tensor:
+            return torch.ones(1, dtype=torch.float64)  # one weight for three tasks
+
+    torch.manual_seed(0)
+    net = Net().double()
+    params = [*net.encoder.parameters(), *net.heads.parameters()]
+    opt = MultiTaskOptimizer(torch.optim.SGD(params, lr=0.1), weighting=Broken(WEIGHTS))
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=r"loss_weights should return a tensor of shape \(3,\)"):
+        opt.step(net.losses(*make_batch(0)))
+    assert all(p.grad is None for p in params)
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))

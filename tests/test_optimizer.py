@@ -269,6 +269,21 @@ def test_step_hook_with_a_bad_return_value_raises() -> None:
         opt.step(net.losses(*make_batch(0)))
 
 
+def test_step_opens_no_profiler_range_without_a_profiler(monkeypatch) -> None:  # noqa: ANN001
+    net, opt = fresh()
+    opened = []
+    real = torch.autograd.profiler.record_function
+
+    def recording(name, *args):  # noqa: ANN001, ANN002, ANN202
+        opened.append(name)
+        return real(name, *args)
+
+    monkeypatch.setattr(torch.autograd.profiler, "record_function", recording)
+    opt.step(net.losses(*make_batch(0)))
+    assert "Optimizer.step#MultiTaskOptimizer.step" not in opened
+    assert f"Optimizer.step#{type(opt.optimizer).__name__}.step" in opened  # torch's own
+
+
 def test_step_opens_a_profiler_range_while_profiling() -> None:
     net, opt = fresh()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
