@@ -81,7 +81,9 @@ class Weighting:
     def loss_weights(self, losses: Tensor) -> Tensor | None:
         """Factors ``c`` that scale each task's loss (and so its gradient), or None for none.
 
-        ``losses`` holds the detached loss values (float64). Must not change any state.
+        ``losses`` holds the detached loss values (float64, shape ``[m]``); the factors have
+        the same shape (the optimizer refuses another one before anything moves). Must not
+        change any state.
         """
         return None
 
