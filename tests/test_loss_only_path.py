@@ -26,6 +26,22 @@ def optimizer(net: Net, params: list[torch.Tensor]) -> MultiTaskOptimizer:
     return MultiTaskOptimizer(torch.optim.SGD(params, lr=0.0), weighting=Constant(WEIGHTS))
 
 
+def prepared() -> tuple[Net, list[torch.Tensor], list[torch.Tensor], MultiTaskOptimizer]:
+    """A seeded net, its parameters, their reference gradients and a zeroed optimizer."""
+    torch.manual_seed(0)
+    net = Net().double()
+    params = [*net.encoder.parameters(), *net.heads.parameters()]
+    want = reference_grads(net, params, 0)
+    opt = optimizer(net, params)
+    opt.zero_grad()
+    return net, params, want, opt
+
+
+def assert_grads(params: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    for p, g in zip(params, want):
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
+
+
 @pytest.fixture
 def count_general_path(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
@@ -40,16 +56,10 @@ def count_general_path(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def test_direct_path_writes_the_weighted_sum(count_general_path: list[int]) -> None:
-    torch.manual_seed(0)
-    net = Net().double()
-    params = [*net.encoder.parameters(), *net.heads.parameters()]
-    want = reference_grads(net, params, 0)
-    opt = optimizer(net, params)
-    opt.zero_grad()
+    net, params, want, opt = prepared()
     opt.step(net.losses(*make_batch(0)))
     assert not count_general_path
-    for p, g in zip(params, want):
-        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
+    assert_grads(params, want)
     assert opt.last_step[0].weights.tolist() == list(WEIGHTS)
     assert net.unused.weight.grad is None  # reached by no loss
 
@@ -80,8 +90,7 @@ def test_parameter_subclass_takes_the_public_backward(
     opt.zero_grad()
     opt.step(net.losses(*make_batch(0)))
     assert public and not count_general_path
-    for p, g in zip(params, want):
-        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
+    assert_grads(params, want)
 
 
 def test_parameter_outside_the_optimizer_gets_no_grad(count_general_path: list[int]) -> None:
@@ -207,20 +216,14 @@ def test_sparse_embedding_gradients() -> None:
 
 
 def test_plain_parameters_take_the_direct_engine_call(monkeypatch: pytest.MonkeyPatch) -> None:
-    torch.manual_seed(0)
-    net = Net().double()
-    params = [*net.encoder.parameters(), *net.heads.parameters()]
-    want = reference_grads(net, params, 0)
+    net, params, want, opt = prepared()
 
     def refuse(*args, **kwargs):
         raise AssertionError("the public torch.autograd.backward was called")
 
     monkeypatch.setattr(torch.autograd, "backward", refuse)
-    opt = optimizer(net, params)
-    opt.zero_grad()
     opt.backward(net.losses(*make_batch(0)), retain_graph=None)  # None: as torch accepts it
-    for p, g in zip(params, want):
-        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
+    assert_grads(params, want)
 
 
 def test_a_torch_function_mode_sees_the_public_backward() -> None:
@@ -235,18 +238,12 @@ def test_a_torch_function_mode_sees_the_public_backward() -> None:
             self.seen.append(func)
             return func(*args, **(kwargs or {}))
 
-    torch.manual_seed(0)
-    net = Net().double()
-    params = [*net.encoder.parameters(), *net.heads.parameters()]
-    want = reference_grads(net, params, 0)
-    opt = optimizer(net, params)
-    opt.zero_grad()
+    net, params, want, opt = prepared()
     losses = net.losses(*make_batch(0))
     with Recording() as mode:
         opt.step(losses)
     assert torch.autograd.backward in mode.seen
-    for p, g in zip(params, want):
-        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
+    assert_grads(params, want)
 
 
 @pytest.mark.parametrize("weighting", ["mean", "imtlg"])
