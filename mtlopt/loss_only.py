@@ -29,10 +29,7 @@ def applies(plans: list[GroupPlan]) -> bool:
         for plan in plans[1:]
     ):
         return False
-    params = [p for plan in plans for p in plan.params]
-    # No parameter to differentiate (all frozen): the general path handles it; an engine
-    # call without inputs would write into every leaf of the graph.
-    return bool(params) and all(p.grad is None for p in params)
+    return all(p.grad is None for plan in plans for p in plan.params)
 
 
 def backward_into_grad(
@@ -60,8 +57,9 @@ def backward_into_grad(
 def _backward(output: Tensor, weights: Tensor, params: list[Tensor], retain_graph: bool) -> None:
     """``torch.autograd.backward(output, weights, inputs=params)``.
 
-    Where that function would only normalise its arguments and call the engine (no
-    ``__torch_function__`` override or mode, no functorch transform active), the engine is
+    Where that function would only normalise its arguments and call the engine (inputs
+    given, weights of the output's shape, no ``__torch_function__`` override or mode, no
+    functorch transform active), the engine is
     called directly: the normalisation costs tens of microseconds a step, a few percent of a
     small model's backward. Otherwise (DTensor, a TorchFunctionMode, ...) the public
     function runs, with its dispatch and its errors.

@@ -366,7 +366,7 @@ class MultiTaskOptimizer(Optimizer):
             except NonFiniteError as error:
                 return self._skip_non_finite(error, None)
             with torch.no_grad():
-                self._commit(plans, results, task_losses, None, False, written=True)
+                self._commit(plans, results, task_losses, None, False)
             self._skip_pending = False
             return True
         with torch.enable_grad():
@@ -473,11 +473,10 @@ class MultiTaskOptimizer(Optimizer):
         task_losses: TaskLosses,
         scale: Tensor | None,
         rescale_updates: bool,
-        written: bool = False,
     ) -> None:
-        """Write the updates into ``.grad`` (unless ``written``: already there), then let
-        the weightings see the step."""
-        for result in results.values() if not written else ():
+        """Write the updates into ``.grad`` (the loss-only path's results carry none: its
+        backward wrote them), then let the weightings see the step."""
+        for result in results.values():
             for param, update in result.updates:
                 update = update.reshape(param.shape)
                 if rescale_updates:
