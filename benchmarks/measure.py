@@ -113,12 +113,17 @@ def _burst(
     up to less than ``burst_s`` and number fewer than ``max_burst``."""
     durations: list[float] = []
     while not durations or (sum(durations) < burst_s and len(durations) < max_burst):
-        sync()
-        start = clock()
-        step()
-        sync()
-        durations.append(clock() - start)
+        durations.append(_timed(step, sync, clock))
     return durations
+
+
+def _timed(call: Callable[[], Any], sync: Callable[[], None], clock: Callable[[], float]) -> float:
+    """The duration of one ``call``, the device synchronised before and after it."""
+    sync()
+    start = clock()
+    call()
+    sync()
+    return clock() - start
 
 
 def peak_bytes(step: Callable[[], None], device: torch.device) -> int | None:
@@ -181,11 +186,7 @@ def time_call(
     samples: list[float] = []
     started = time.perf_counter()
     while len(samples) < repeats and (len(samples) < 3 or time.perf_counter() - started < budget_s):
-        sync()
-        start = clock()
-        call()
-        sync()
-        samples.append(clock() - start)
+        samples.append(_timed(call, sync, clock))
     return statistics.median(samples)
 
 
