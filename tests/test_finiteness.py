@@ -66,3 +66,38 @@ def test_the_unit_scale_is_float32_whatever_the_default_dtype(monkeypatch) -> No
     finally:
         torch.set_default_dtype(default)
     assert finiteness._ONES[torch.device("cpu")].dtype == torch.float32
+
+
+def test_the_flag_is_per_thread_and_usable_in_inference_mode() -> None:
+    """The cached flag is zeroed before every check (a non-finite result does not stick),
+    works when first made under inference mode, and each thread has its own."""
+    import threading
+
+    bad = torch.tensor([1.0, float("nan")])
+    with torch.inference_mode():
+        assert not all_finite([bad])
+        assert all_finite([torch.ones(2)])
+    assert not all_finite([bad])
+    assert all_finite([torch.ones(2)])
+    results: dict[int, set[bool]] = {0: set(), 1: set()}
+
+    def check(which: int, tensors: list[torch.Tensor]) -> None:
+        for _ in range(200):
+            results[which].add(all_finite(tensors))
+
+    threads = [
+        threading.Thread(target=check, args=(k, [t])) for k, t in enumerate((bad, torch.ones(3)))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == {0: {False}, 1: {True}}
+
+
+def test_sparse_and_dense_together() -> None:
+    sparse = torch.sparse_coo_tensor([[0, 2]], torch.tensor([1.0, 2.0]), (4,))
+    assert all_finite([torch.ones(3), sparse])
+    assert not all_finite([torch.ones(3), sparse], also=torch.tensor([float("inf")]))
+    bad = torch.sparse_coo_tensor([[0, 2]], torch.tensor([1.0, float("nan")]), (4,))
+    assert not all_finite([torch.ones(3), bad])

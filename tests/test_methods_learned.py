@@ -133,6 +133,27 @@ def test_uw_weights_and_closed_form_gradient():
     torch.testing.assert_close(w.log_variances.grad, expected, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("change", ["values in place", "values replaced", "other losses"])
+def test_uw_reuses_its_precisions_only_for_the_same_losses_and_values(change):
+    """The weights computed for ``loss_weights`` serve the same step's gradient, never a
+    step where the values or the losses changed (checked against the formula)."""
+    w = UW(n_tasks=M)
+    losses = t64([0.5, 4.0, 0.01])
+    w.loss_weights(losses)
+    if change == "values in place":
+        with torch.no_grad():
+            w.log_variances.add_(torch.tensor([0.3, -1.2, 2.0]))
+    elif change == "values replaced":
+        w.load_state_dict({"n_tasks": M, "log_variances": torch.tensor([0.3, -1.2, 2.0])})
+    else:
+        losses = t64([1.5, 0.2, 3.0])
+    s = w.log_variances.detach().double().tolist()
+    torch.testing.assert_close(w.loss_weights(losses), t64([math.exp(-v) for v in s]))
+    w.accumulate_parameter_grads(losses)
+    expected = torch.tensor(uw_objective_gradient(s, losses.tolist()), dtype=torch.float32)
+    torch.testing.assert_close(w.log_variances.grad, expected, rtol=1e-6, atol=1e-7)
+
+
 def test_uw_end_to_end_trains_log_variances_with_the_base_optimizer():
     net = double_net(1)
     lr = 0.05

@@ -87,8 +87,12 @@ class IMTLL(LearnedPerTask):
 
     def scales(self, losses: Tensor) -> Tensor:
         """``exp(s)`` in float64 (ones before the scales exist: ``s`` starts at zero)."""
-        s = self.learned(losses)
-        return torch.ones_like(losses) if s is None else s.exp()
+
+        def compute() -> Tensor:
+            s = self.learned(losses)
+            return torch.ones_like(losses) if s is None else s.exp()
+
+        return self.once_per_step(losses, compute)
 
     def loss_weights(self, losses: Tensor) -> Tensor:
         return self.scales(losses)

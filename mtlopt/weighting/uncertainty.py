@@ -52,8 +52,12 @@ class UW(LearnedPerTask):
 
     def precisions(self, losses: Tensor) -> Tensor:
         """``exp(-s)`` in float64 (ones before the log-variances exist)."""
-        s = self.learned(losses)
-        return torch.ones_like(losses) if s is None else (-s).exp()
+
+        def compute() -> Tensor:
+            s = self.learned(losses)
+            return torch.ones_like(losses) if s is None else (-s).exp()
+
+        return self.once_per_step(losses, compute)
 
     def loss_weights(self, losses: Tensor) -> Tensor:
         self.check_n_tasks(losses.numel())
