@@ -86,7 +86,11 @@ class JacobianEngine:
             head_grads, shared_rows = chunked
             shared_blocks = iter(shared_rows)
         elif shared:
-            head_grads, targets, held = guarded(backward_through_heads, cut, output, heads, n_tasks)
+            # Where the cut is the input asked for, its rows are the blocks: kept row-major.
+            as_seeds = not cut_is_the_input(cut.targets, shared)
+            head_grads, targets, held = guarded(
+                backward_through_heads, cut, output, heads, n_tasks, None, as_seeds
+            )
             if cut_is_the_input(targets, shared):  # the representation itself, say
                 shared_blocks = iter(held)
             else:
@@ -143,7 +147,7 @@ class JacobianEngine:
                 self.chunk_size,
                 keep,
             )
-        except Exception as error:  # vmap lacks a rule for some op of the graph
+        except Exception as error:  # noqa: BLE001 -- vmap lacks a rule for some op of the graph
             self.fall_back(error, n_tasks)
             return None  # the caller runs the loop
 
@@ -205,7 +209,7 @@ class JacobianEngine:
                     self.chunk_size,
                     keep,
                 )
-        except Exception as error:  # vmap lacks a rule for some op of the graph
+        except Exception as error:  # noqa: BLE001 -- vmap lacks a rule for some op of the graph
             self.fall_back(error, n_rows)
             if regenerate is not None and any(rows is None for rows in cotangents):
                 cotangents = regenerate()

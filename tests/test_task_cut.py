@@ -267,8 +267,11 @@ def test_handed_seeds_match_passed_rows_and_are_released(
     held = [rows.clone() for rows in seeds]
     got = handed_seed_vjp(targets, held, shared, chunk_size, True)
     assert held == [None, None]
+    # The copy made without functorch's internals is row-major, where the seeds are stored
+    # task-minor: the same sums, rounded in another order.
+    tolerance = {} if not view else {"rtol": 0, "atol": 0}
     for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=0, atol=0)
+        torch.testing.assert_close(g, w, **tolerance)
 
 
 def test_released_seeds_are_computed_again_when_the_loop_takes_over(monkeypatch) -> None:
@@ -294,3 +297,37 @@ def test_released_seeds_are_computed_again_when_the_loop_takes_over(monkeypatch)
         got = engine.task_rows(task_losses.output, GraphMasks(task_losses.roots), params, True)
     assert len(calls) == 2  # the second run rebuilt the released rows
     assert_blocks_close(got, want)
+
+
+def test_seed_rows_are_stored_task_minor_and_kept_rows_row_major() -> None:
+    """Rows for a batched backward are stored ``[batch, m, width]`` (so that vmap's weight
+    gradients fold them into a matrix without a copy); rows the caller keeps as per-task
+    gradients are plain row-major. Same values either way."""
+    torch.manual_seed(0)
+    _, losses_fn, _ = heads_on_z()
+    task_losses = prepare_losses(losses_fn())
+    cut = find_cut(GraphMasks(task_losses.roots))
+    assert cut is not None
+    _, _, (seeds,) = backward_through_heads(cut, task_losses.output, [], M)
+    _, _, (rows,) = backward_through_heads(cut, task_losses.output, [], M, as_seeds=False)
+    assert seeds.shape == rows.shape == (M, 5, 6)
+    assert rows.is_contiguous() and not seeds.is_contiguous()
+    assert seeds.movedim(0, -2).is_contiguous()
+    torch.testing.assert_close(seeds, rows, rtol=0, atol=0)
+
+
+def test_rows_of_the_representation_itself_are_row_major() -> None:
+    """Where the input asked for is the cut (the representation), its rows are the blocks
+    returned: contiguous, as every other block."""
+    torch.manual_seed(0)
+    trunk = nn.Linear(4, 6).to(DTYPE)
+    heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(M)).to(DTYPE)
+    x, y = _data(3)
+    z = torch.tanh(trunk(x))
+    losses = [((h(z).squeeze(-1) - y[:, t]) ** 2).mean() for t, h in enumerate(heads)]
+    task_losses = prepare_losses(losses)
+    (block,) = JacobianEngine().task_rows(
+        task_losses.output, GraphMasks(task_losses.roots), [z], retain_graph=True
+    )
+    assert block is not None and block.is_contiguous()
+    assert_blocks_close([block], reference_jacobian(losses, [z]))
