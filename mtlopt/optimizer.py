@@ -35,7 +35,7 @@ from .losses import (
     loss_values,
     prepare_losses,
 )
-from .step_wrapper import hooked_step
+from .step_wrapper import hooked_step, step_base, zero_grad_base
 from .weighting import resolve
 from .weighting.base import Weighting
 from .weighting.baselines import Mean
@@ -234,7 +234,7 @@ class MultiTaskOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ the step
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+        zero_grad_base(self.optimizer, set_to_none)
 
     def step(  # type: ignore[override]
         self,
@@ -278,7 +278,7 @@ class MultiTaskOptimizer(Optimizer):
         self._skip_pending = False
         if not committed:
             return result  # non-finite values under nonfinite="skip": nothing moves
-        self.optimizer.step()
+        step_base(self.optimizer)
         if closure is not None and result is not None:
             self._observe_after_step(closure)
         return result

@@ -269,28 +269,94 @@ def test_step_hook_with_a_bad_return_value_raises() -> None:
         opt.step(net.losses(*make_batch(0)))
 
 
-def test_step_opens_no_profiler_range_without_a_profiler(monkeypatch) -> None:  # noqa: ANN001
-    net, opt = fresh()
-    opened = []
+def _record_ranges(monkeypatch) -> list[str]:
+    """The names of the record_function ranges opened from now on."""
+    opened: list[str] = []
     real = torch.autograd.profiler.record_function
 
-    def recording(name, *args):  # noqa: ANN001, ANN002, ANN202
+    def recording(name, *args):
         opened.append(name)
         return real(name, *args)
 
     monkeypatch.setattr(torch.autograd.profiler, "record_function", recording)
+    return opened
+
+
+def test_step_and_zero_grad_open_no_profiler_range_without_a_profiler(monkeypatch) -> None:
+    net, opt = fresh()
+    opened = _record_ranges(monkeypatch)
     opt.step(net.losses(*make_batch(0)))
-    assert "Optimizer.step#MultiTaskOptimizer.step" not in opened
-    assert f"Optimizer.step#{type(opt.optimizer).__name__}.step" in opened  # torch's own
+    assert opt.optimizer.param_groups[0]["params"][0].grad is not None
+    opt.zero_grad()
+    assert opened == []  # neither ours nor the base optimizer's step and zero_grad ranges
+    assert all(p.grad is None for group in opt.param_groups for p in group["params"])
 
 
-def test_step_opens_a_profiler_range_while_profiling() -> None:
+def test_step_and_zero_grad_open_their_profiler_ranges_while_profiling() -> None:
     net, opt = fresh()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         opt.step(net.losses(*make_batch(0)))
+        opt.zero_grad()
     names = {event.name for event in prof.events()}
+    base = type(opt.optimizer).__name__
     assert "Optimizer.step#MultiTaskOptimizer.step" in names
-    assert f"Optimizer.step#{type(opt.optimizer).__name__}.step" in names
+    assert f"Optimizer.step#{base}.step" in names
+    assert f"Optimizer.zero_grad#{base}.zero_grad" in names
+
+
+def test_base_optimizer_step_hooks_fire_once_per_step() -> None:
+    net, opt = fresh()
+    calls = []
+    opt.optimizer.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", args)))
+    opt.optimizer.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", args)))
+    for step in range(2):
+        opt.zero_grad()
+        opt.step(net.losses(*make_batch(step)))
+    assert calls == [("pre", (opt.optimizer,)), ("post", (opt.optimizer,))] * 2
+
+
+def test_base_optimizer_pre_hook_replacing_arguments_reaches_its_step() -> None:
+    """A pre-hook of the base optimizer may hand its step a closure, as under torch's wrapper."""
+    net, opt = fresh(base="sgd")
+    seen = []
+
+    def closure() -> None:
+        seen.append("closure")
+
+    opt.optimizer.register_step_pre_hook(lambda o, args, kwargs: ((o,), {"closure": closure}))
+    opt.step(net.losses(*make_batch(0)))
+    assert seen == ["closure"]
+
+
+def test_base_optimizers_own_step_and_zero_grad_are_called_as_they_are() -> None:
+    """A base optimizer that overrides zero_grad, or a step set on the instance (as some
+    training frameworks patch it), runs its own code."""
+    torch.manual_seed(0)
+    net = Net()
+    calls = []
+
+    class CountingSGD(torch.optim.SGD):
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            calls.append(("zero_grad", set_to_none))
+            super().zero_grad(set_to_none)
+
+    base = CountingSGD(net.parameters(), lr=0.1)
+    real_step = base.step
+    base.step = lambda *args, **kwargs: calls.append("step") or real_step(*args, **kwargs)
+    opt = MultiTaskOptimizer(base, weighting=Mean())
+    opt.zero_grad()
+    opt.step(net.losses(*make_batch(0)))
+    assert calls == [("zero_grad", True), "step"]
+
+
+def test_zero_grad_keeping_tensors_zeroes_them() -> None:
+    net, opt = fresh()
+    opt.step(net.losses(*make_batch(0)))
+    grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    opt.zero_grad(set_to_none=False)
+    after = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    assert len(after) == len(grads) > 0
+    assert all(a is g and not a.any() for a, g in zip(after, grads))
 
 
 def test_state_dict_hooks_fire() -> None:
