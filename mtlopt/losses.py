@@ -51,8 +51,32 @@ def prepare_losses(losses: object, check_finite: bool = True) -> TaskLosses:
         )
     if len(losses) == 0:
         raise ValueError("losses: expected at least one task loss, got an empty sequence")
-    for index, loss in enumerate(losses):
-        _check_one(f"losses[{index}]", loss)
+    # One pass, and the messages only built for a loss that fails (every step runs this).
+    first = losses[0]
+    device = first.device if isinstance(first, Tensor) else None
+    dtype = first.dtype if isinstance(first, Tensor) else None
+    mixed = False
+    scalars = []
+    with torch.enable_grad():  # (the reshapes below belong to the graph)
+        for index, loss in enumerate(losses):
+            if not (
+                isinstance(loss, Tensor)
+                and loss.numel() == 1
+                and loss.is_floating_point()
+                and loss.requires_grad
+            ):
+                _check_one(f"losses[{index}]", loss)
+            mixed = mixed or loss.dtype is not dtype or loss.device != device
+            # 0-d losses (the usual reduction's) go in as they are: a reshape would add a
+            # view node per task to the backward pass.
+            scalars.append(loss if loss.dim() == 0 else loss.reshape(()))
+        if mixed:
+            _refuse_mixed(losses)
+        output = torch.stack(scalars)
+    return _from_tensor(output, check_finite, checked=True)
+
+
+def _refuse_mixed(losses: Sequence[Tensor]) -> None:
     devices = {loss.device for loss in losses}
     if len(devices) > 1:
         raise ValueError(
@@ -64,11 +88,6 @@ def prepare_losses(losses: object, check_finite: bool = True) -> TaskLosses:
             f"losses: expected all losses of one dtype, got {sorted(map(str, dtypes))}; "
             "cast them (e.g. loss.float()) so that no task's gradient is silently promoted"
         )
-    with torch.enable_grad():
-        # 0-d losses (the usual reduction's) go in as they are: a reshape would add a view
-        # node per task to the backward pass.
-        output = torch.stack([loss if loss.dim() == 0 else loss.reshape(()) for loss in losses])
-    return _from_tensor(output, check_finite, checked=True)
 
 
 def _from_tensor(losses: Tensor, check_finite: bool, checked: bool = False) -> TaskLosses:

@@ -21,6 +21,7 @@ from mtlopt import MultiTaskOptimizer
 from mtlopt.weighting.dbmtl import DBMTL
 from mtlopt.weighting.famo import FAMO
 from mtlopt.weighting.gradnorm import GradNorm
+from mtlopt.weighting.imtl import IMTLL
 from mtlopt.weighting.uncertainty import UW
 
 from .conftest import Net
@@ -152,6 +153,34 @@ def test_uw_reuses_its_precisions_only_for_the_same_losses_and_values(change):
     w.accumulate_parameter_grads(losses)
     expected = torch.tensor(uw_objective_gradient(s, losses.tolist()), dtype=torch.float32)
     torch.testing.assert_close(w.log_variances.grad, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("make", "weight", "gradient"),
+    [
+        (UW, lambda s: math.exp(-s), lambda s, loss: 1.0 - math.exp(-s) * loss),
+        (IMTLL, lambda s: math.exp(s), lambda s, loss: math.exp(s) * loss - 1.0),
+    ],
+    ids=["UW", "IMTLL"],
+)
+def test_learned_values_gradient_written_once_is_not_reused(make, weight, gradient):
+    """The values' gradient, computed with the loss weights before the backward pass, is
+    handed to ``.grad`` once: changing ``.grad`` in place (clipping, say) leaves the weights
+    alone, and a second accumulation adds a fresh copy (checked against the formulas)."""
+    w = make(n_tasks=M)
+    with torch.no_grad():
+        w.parameter.copy_(torch.tensor([0.3, -1.2, 2.0]))
+    losses = t64([0.5, 4.0, 0.01])
+    s = w.parameter.detach().double().tolist()
+    weights = t64([weight(v) for v in s])
+    expected = torch.tensor([gradient(v, x) for v, x in zip(s, losses.tolist())])
+    torch.testing.assert_close(w.loss_weights(losses), weights)
+    w.accumulate_parameter_grads(losses)
+    torch.testing.assert_close(w.parameter.grad, expected, rtol=1e-6, atol=1e-7)
+    w.parameter.grad.mul_(0.5)
+    torch.testing.assert_close(w.loss_weights(losses), weights)
+    w.accumulate_parameter_grads(losses)
+    torch.testing.assert_close(w.parameter.grad, 1.5 * expected, rtol=1e-6, atol=1e-7)
 
 
 def test_uw_end_to_end_trains_log_variances_with_the_base_optimizer():

@@ -87,18 +87,14 @@ class IMTLL(LearnedPerTask):
 
     def scales(self, losses: Tensor) -> Tensor:
         """``exp(s)`` in float64 (ones before the scales exist: ``s`` starts at zero)."""
-
-        def compute() -> Tensor:
-            s = self.learned(losses)
-            return torch.ones_like(losses) if s is None else s.exp()
-
-        return self.once_per_step(losses, compute)
+        return self.step_terms(losses)[0]
 
     def loss_weights(self, losses: Tensor) -> Tensor:
         return self.scales(losses)
 
-    def accumulate_parameter_grads(self, losses: Tensor) -> None:
-        self.add_parameter_grad(self.scales(losses) * losses - 1.0)
+    def terms(self, values: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+        scales = values.exp()
+        return scales, scales * losses - 1.0
 
 
 class IMTL(IMTLL):

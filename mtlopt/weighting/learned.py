@@ -8,7 +8,6 @@ construction, empty until the first step tells the number of tasks (or sized at 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -35,7 +34,7 @@ class LearnedPerTask(Weighting, register=False):
         super().__init__()
         self.lr = None if lr is None else check_positive("lr", lr)
         self.parameter = torch.nn.Parameter(torch.zeros(0))
-        self._once: tuple[Tensor, tuple[int, int, int], Tensor] | None = None
+        self._once: tuple[Tensor, tuple[int, int, int], tuple[Tensor, Tensor | None]] | None = None
         if n_tasks is not None:
             self.ensure_parameters(check_positive_int("n_tasks", n_tasks))
 
@@ -48,19 +47,38 @@ class LearnedPerTask(Weighting, register=False):
             return None
         return self.parameter.detach().to(device=losses.device, dtype=torch.float64)
 
-    def once_per_step(self, losses: Tensor, compute: Callable[[], Tensor]) -> Tensor:
-        """``compute()`` (a function of the values), reused while ``losses`` and the values
-        are the same objects at the same version: the loss weights and the values' gradient
-        of one step read it twice, and after the backward pass each small op runs with cold
-        caches (several microseconds, a few percent of a loss-only step together)."""
+    def step_terms(self, losses: Tensor) -> tuple[Tensor, Tensor | None]:
+        """This step's loss weights (float64) and the values' gradient (in the values' dtype
+        and device; None before the values exist), from :meth:`terms`.
+
+        Both are computed before the backward pass and reused while ``losses`` and the
+        values are the same objects at the same version: after the backward, each small op
+        runs with cold caches (several microseconds, a few percent of a loss-only step
+        together), so the gradient is made up front and only written at commit.
+        """
         values = self.parameter
         key = (values._version, values.data_ptr(), values.numel())
         cached = self._once
         if cached is not None and cached[0] is losses and cached[1] == key:
             return cached[2]
-        result = compute()
+        learned = self.learned(losses)
+        if learned is None:
+            result: tuple[Tensor, Tensor | None] = (torch.ones_like(losses), None)
+        else:
+            weights, grad = self.terms(learned, losses)
+            result = (weights, grad.to(device=values.device, dtype=values.dtype))
         self._once = (losses, key, result)
         return result
+
+    def terms(self, values: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+        """The loss weights and the values' gradient (float64) for ``values`` (float64)."""
+        raise NotImplementedError(f"{type(self).__name__} defines no terms")
+
+    def accumulate_parameter_grads(self, losses: Tensor) -> None:
+        _, grad = self.step_terms(losses)
+        self._once = None  # the gradient becomes .grad, which may then change in place
+        if grad is not None:
+            self.add_parameter_grad(grad)
 
     def learnable_parameters(self) -> list[Tensor]:
         return [self.parameter]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .learned import LearnedPerTask
@@ -52,16 +51,12 @@ class UW(LearnedPerTask):
 
     def precisions(self, losses: Tensor) -> Tensor:
         """``exp(-s)`` in float64 (ones before the log-variances exist)."""
-
-        def compute() -> Tensor:
-            s = self.learned(losses)
-            return torch.ones_like(losses) if s is None else (-s).exp()
-
-        return self.once_per_step(losses, compute)
+        return self.step_terms(losses)[0]
 
     def loss_weights(self, losses: Tensor) -> Tensor:
         self.check_n_tasks(losses.numel())
         return self.precisions(losses)
 
-    def accumulate_parameter_grads(self, losses: Tensor) -> None:
-        self.add_parameter_grad(1.0 - self.precisions(losses) * losses)
+    def terms(self, values: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+        precisions = values.neg().exp()
+        return precisions, 1.0 - precisions * losses
