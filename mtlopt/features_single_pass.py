@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .aggregation import GroupPlan, GroupResult, gramian, scale_gramian
-from .finiteness import all_finite
+from .finiteness import all_finite, few_finite
 from .jacobian import guarded
 from .losses import NonFiniteError, TaskLosses
 from .reachability import leaves_below, single_task
@@ -89,7 +89,7 @@ def single_pass(
     def weigh_all() -> Tensor | None:
         rows = stack_rows(parts[0])
         z_gramian = gramian([rows])
-        if not all_finite([], also=z_gramian.diagonal()):
+        if not few_finite(z_gramian.diagonal()):
             raise NonFiniteError(NOT_FINITE_Z)
         for plan in plans:
             weighed[plan.index] = weigh(plan, z_gramian, task_losses.values)

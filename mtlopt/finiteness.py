@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -28,6 +29,13 @@ def all_finite(tensors: list[Tensor], also: Tensor | None = None) -> bool:
         return not _found_non_finite(dense, device)
     except (RuntimeError, NotImplementedError, AttributeError):
         return all(bool(torch.isfinite(t).all()) for t in dense)
+
+
+def few_finite(tensor: Tensor) -> bool:
+    """Whether a small tensor (a Gramian's diagonal, say) holds only finite values: one copy
+    to the host and a Python test, the same single synchronisation as :func:`all_finite`
+    for a fraction of its ops (which cost tens of microseconds right after a backward)."""
+    return all(map(math.isfinite, tensor.reshape(-1).tolist()))
 
 
 def _all_finite_mixed(tensors: list[Tensor]) -> bool:

@@ -478,7 +478,8 @@ class MultiTaskOptimizer(Optimizer):
         backward wrote them), then let the weightings see the step."""
         for result in results.values():
             for param, update in result.updates:
-                update = update.reshape(param.shape)
+                if update.shape != param.shape:
+                    update = update.reshape(param.shape)
                 if rescale_updates:
                     update = update * scale.to(update.dtype)
                 if param.grad is None:

@@ -1,4 +1,4 @@
-"""mtlopt.finiteness.all_finite against torch.isfinite."""
+"""mtlopt.finiteness: all_finite against torch.isfinite, and few_finite on small tensors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mtlopt.finiteness import all_finite
+from mtlopt.finiteness import all_finite, few_finite
 
 BIG = 16384
 
@@ -101,3 +101,17 @@ def test_sparse_and_dense_together() -> None:
     assert not all_finite([torch.ones(3), sparse], also=torch.tensor([float("inf")]))
     bad = torch.sparse_coo_tensor([[0, 2]], torch.tensor([1.0, float("nan")]), (4,))
     assert not all_finite([torch.ones(3), bad])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_few_finite_on_small_tensors_and_views(dtype: torch.dtype) -> None:
+    gramian = torch.eye(4, dtype=dtype) * 3.0
+    assert few_finite(gramian.diagonal())  # a strided view
+    assert few_finite(torch.tensor(2.5, dtype=dtype))  # 0-d
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        broken = gramian.clone()
+        broken[2, 2] = bad
+        assert not few_finite(broken.diagonal())
+        broken = gramian.clone()
+        broken[0, 1] = bad  # off the diagonal: not part of the view checked
+        assert few_finite(broken.diagonal())
