@@ -32,9 +32,12 @@ class GraphMasks:
         for node in stack:
             indegree.setdefault(node, 0)
         seen = set(stack)
+        #: node -> its ``next_functions`` (each read builds a new tuple: read it once)
+        self.edges: dict[object, tuple] = {}
         while stack:
             node = stack.pop()
-            for child, _ in _inputs(node, stop):
+            edges = self.edges[node] = _inputs(node, stop)
+            for child, _ in edges:
                 if child is None:
                     continue
                 indegree[child] = indegree.get(child, 0) + 1
@@ -57,7 +60,7 @@ class GraphMasks:
             variable = getattr(node, "variable", None)
             if variable is not None:
                 self._leaves[id(variable)] = self._leaves.get(id(variable), 0) | mask
-            for child, _ in _inputs(node, stop):
+            for child, _ in self.edges[node]:
                 if child is None:
                     continue
                 pending[child] = pending.get(child, 0) | mask

@@ -51,7 +51,7 @@ def find_cut(graph: GraphMasks) -> TaskCut | None:
         if task is None:
             continue
         edges = []
-        for position, (child, output_nr) in enumerate(node.next_functions):  # type: ignore[attr-defined]
+        for position, (child, output_nr) in enumerate(graph.edges[node]):
             if child is None or single_task(graph.nodes[child]) is not None:
                 continue
             if getattr(child, "variable", None) is not None:
