@@ -122,16 +122,22 @@ def uw_objective_gradient(s: list[float], losses: list[float]) -> list[float]:
     return torch.autograd.grad(objective, leaf)[0].tolist()
 
 
-def test_uw_weights_and_closed_form_gradient():
-    w = UW(n_tasks=M)
-    with torch.no_grad():
-        w.log_variances.copy_(torch.tensor([0.3, -1.2, 2.0]))
-    losses = t64([0.5, 4.0, 0.01])
+def assert_uw_step(w: UW, losses: torch.Tensor) -> None:
+    """UW's weights ``exp(-s)`` and its log-variances' gradient, against the objective's
+    autograd gradient, for the log-variances ``w`` holds now."""
     s = w.log_variances.detach().double().tolist()
     torch.testing.assert_close(w.loss_weights(losses), t64([math.exp(-v) for v in s]))
     w.accumulate_parameter_grads(losses)
     expected = torch.tensor(uw_objective_gradient(s, losses.tolist()), dtype=torch.float32)
     torch.testing.assert_close(w.log_variances.grad, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_uw_weights_and_closed_form_gradient():
+    w = UW(n_tasks=M)
+    with torch.no_grad():
+        w.log_variances.copy_(torch.tensor([0.3, -1.2, 2.0]))
+    losses = t64([0.5, 4.0, 0.01])
+    assert_uw_step(w, losses)
 
 
 @pytest.mark.parametrize("change", ["values in place", "values replaced", "other losses"])
@@ -148,11 +154,7 @@ def test_uw_reuses_its_precisions_only_for_the_same_losses_and_values(change):
         w.load_state_dict({"n_tasks": M, "log_variances": torch.tensor([0.3, -1.2, 2.0])})
     else:
         losses = t64([1.5, 0.2, 3.0])
-    s = w.log_variances.detach().double().tolist()
-    torch.testing.assert_close(w.loss_weights(losses), t64([math.exp(-v) for v in s]))
-    w.accumulate_parameter_grads(losses)
-    expected = torch.tensor(uw_objective_gradient(s, losses.tolist()), dtype=torch.float32)
-    torch.testing.assert_close(w.log_variances.grad, expected, rtol=1e-6, atol=1e-7)
+    assert_uw_step(w, losses)
 
 
 @pytest.mark.parametrize(
