@@ -88,7 +88,8 @@ def backward_through_heads(
     ``tasks``: only these tasks' losses are differentiated (the rows are theirs); their
     losses must be separate inputs of ``output``'s stack (what :func:`find_cut` requires).
     ``as_seeds``: lay the rows out for a batched backward (see :func:`stack_rows`); False
-    where the caller keeps them as per-task gradients. The graph is kept: stage 2 and the caller's fallback go through it again.
+    where the caller keeps them as per-task gradients. The graph is kept: stage 2 and the
+    caller's fallback go through it again.
     """
     tasks = range(n_tasks) if tasks is None else tasks
     if len(tasks) == n_tasks:
