@@ -87,7 +87,8 @@ class JacobianEngine:
             shared_blocks = iter(shared_rows)
         elif shared:
             # Where the cut is the input asked for, its rows are the blocks: kept row-major.
-            as_seeds = not cut_is_the_input(cut.targets, shared)
+            # (Tested per target: the targets some gradient crossed are known only after.)
+            as_seeds = not any(cut_is_the_input([target], shared) for target in cut.targets)
             head_grads, targets, held = guarded(
                 backward_through_heads, cut, output, heads, n_tasks, None, as_seeds
             )
