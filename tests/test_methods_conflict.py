@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mtlopt import MultiTaskOptimizer
+import mtlopt.solvers.bargaining as bargaining_module
 from mtlopt.solvers.bargaining import bargaining_weights
 from mtlopt.weighting.base import Weighting
 from mtlopt.weighting.cagrad import CAGrad, IMGrad
@@ -518,6 +519,32 @@ def test_nearly_opposite_tasks_still_both_improve(seed: int, name: str) -> None:
     power = 1.0 if name == "NashMTL" else 0.5
     weights = positive_root(gramian_of(jacobian).numpy(), power)
     assert_close_update(d, weights @ jacobian.numpy())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_bargaining_stops_at_a_settled_decrement_within_round_off(seed, monkeypatch) -> None:
+    """Nash-MTL's solve (p = 1) ends once the Newton decrement proves the step just taken
+    landed within round-off: one Newton step fewer than running until a step moves nothing,
+    and the same weights to 1e-13 relative (warm-started from a nearby solution, as in
+    training)."""
+    m = 3 + seed
+    jacobian = random_jacobian(700 + seed, m, m + 4, spread=1.0)
+    previous = bargaining_weights(gramian_of(jacobian), 1.0, 40)
+    moved = jacobian + 0.02 * random_jacobian(800 + seed, m, m + 4)
+    gramian = gramian_of(moved)
+    steps = []
+    newton_step = bargaining_module._newton_step
+    monkeypatch.setattr(
+        bargaining_module, "_newton_step", lambda *a: steps.append(1) or newton_step(*a)
+    )
+    settled = bargaining_weights(gramian, 1.0, 40, initial=previous)
+    settled_steps = len(steps)
+    monkeypatch.setattr(bargaining_module, "SETTLED_DECREMENT", 0.0)
+    steps.clear()
+    confirmed = bargaining_weights(gramian, 1.0, 40, initial=previous)
+    assert settled_steps < len(steps)
+    torch.testing.assert_close(settled, confirmed, rtol=1e-13, atol=0)
+    np.testing.assert_allclose(settled.numpy(), positive_root(gramian.numpy(), 1.0), rtol=1e-9)
 
 
 @pytest.mark.parametrize("power", [0.5, 1.0, 2.0])

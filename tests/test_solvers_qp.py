@@ -268,6 +268,36 @@ def test_min_norm_many_tasks():
     assert (gram @ w).min() >= w @ gram @ w - 1e-11 * gram.diagonal().max()
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_full_face_shortcut_solves_interior_optima_and_declines_the_rest(seed, monkeypatch):
+    """On the CPU the simplex's first face (every weight free) is solved directly: where the
+    optimum is interior (near-orthogonal rows) that answer is the exact one, taken without
+    pivoting; where it is not (correlated rows, an optimum on a smaller face) the shortcut
+    declines and pivoting finds the enumeration's optimum."""
+    use_path(monkeypatch, "pivoting")
+    rng = np.random.default_rng(seed)
+    m = 6 + seed
+    pivots = []
+    pivoting = min_norm_module._principal_pivoting
+    monkeypatch.setattr(
+        min_norm_module, "_principal_pivoting", lambda *a: pivots.append(1) or pivoting(*a)
+    )
+    near_orthogonal = rng.normal(size=(m, 400)) * np.exp(rng.normal(size=(m, 1)) * 0.5)
+    correlated = rng.normal(size=(m, 3 * m)) + 2.0 * rng.normal(size=(1, 3 * m))
+    correlated[0] *= 5.0  # a long row gets weight 0 at the min-norm point
+    for jac, interior in [(near_orthogonal, True), (correlated, False)]:
+        gram = jac @ jac.T
+        pivots.clear()
+        w = min_norm_np(gram)
+        assert bool(w.min() > 0) == interior
+        assert bool(pivots) != interior
+        assert w.min() >= 0 and abs(w.sum() - 1) < 1e-12
+        scale = gram.diagonal().max()
+        assert (w @ gram @ w - enumerated_min_norm(gram)) / scale <= 1e-12
+        # KKT: every task's slope is at least the min-norm point's squared norm.
+        assert (gram @ w).min() >= w @ gram @ w - 1e-12 * scale
+
+
 def test_nonnegative_qp_batch_matches_single_rows(path):
     jac = make_jacobian(2, 5, 6)
     gram = torch.tensor(jac @ jac.T / (jac @ jac.T).diagonal().max())

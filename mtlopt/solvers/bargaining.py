@@ -13,8 +13,11 @@ exact solution for orthogonal gradients, ``w_i ~ G_ii^(-1/(1+p))``, scaled optim
 Each iteration tries a Newton step in ``w`` and one in ``log w`` and keeps the better (see
 :func:`_newton_step`). Fixed iteration count, no host synchronisation, float64 on the
 Gramian's device; on the CPU the loop stops once a step moves no weight by more than
-``CONVERGED`` relative (round-off: the fixed count would move them less than that again). Reaching round-off takes about 20 iterations for ``p`` in ``[0.5, 2]``
-and up to 40 for ``p`` in ``[0.1, 10]``, degenerate and badly scaled Gramians included.
+``CONVERGED`` relative (round-off: the fixed count would move them less than that again),
+or, for ``p = 1``, once the Newton decrement proves the step just taken ended within
+round-off (:data:`SETTLED_DECREMENT`). Reaching round-off takes about 20 iterations for
+``p`` in ``[0.5, 2]`` and up to 40 for ``p`` in ``[0.1, 10]``, degenerate and badly scaled
+Gramians included.
 
 Degenerate Gramians. The system has a positive solution exactly when some direction ``d``
 improves every task (``J d > 0``); otherwise (a zero gradient, opposite gradients, zero in
@@ -49,6 +52,15 @@ RIDGES = (1e-10, 1e-8, 1e-6, 1e-4, 1e-2)
 LINE_SEARCH_STEPS = 40
 #: Relative move of every weight below which the CPU loop stops (a few float64 ulps).
 CONVERGED = 1e-15
+#: For ``p = 1`` (Nash-MTL) ``f`` is self-concordant (a convex quadratic minus a sum of
+#: logs), so a Newton step taken at a squared decrement ``lambda^2 < 1`` lands where the
+#: next decrement is at most ``lambda^2 / (1 - lambda)^2``, and the weights are within about
+#: that of the solution, relative (the Hessian's barrier term is ``diag(1 / w^2)``); a step
+#: that decreases ``f`` further only gets closer. Below this ``lambda^2`` the weights are
+#: within a few dozen ulps of the solution and the solve ends, without the iteration that
+#: would only confirm it (3.3 -> 2.3 Newton steps per warm-started solve on the benchmark
+#: MLP's representation, m = 10).
+SETTLED_DECREMENT = 1e-14
 #: A gradient counts as zero below this fraction of the largest gradient norm.
 ZERO_NORM = 1e-150
 
@@ -87,7 +99,7 @@ def _equilibrated_solve(matrices: Tensor, rhs: Tensor) -> Tensor:
     return scale * solved.squeeze(-1)
 
 
-def _newton_step(weights: Tensor, gramian: Tensor, power: float) -> Tensor:
+def _newton_step(weights: Tensor, gramian: Tensor, power: float) -> tuple[Tensor, Tensor]:
     """One step on ``f``: the better of a Newton step in ``w`` and one in ``y = log w``.
 
     The ``w`` step converges fast where the ridge bounds a degenerate problem (huge weights
@@ -99,6 +111,9 @@ def _newton_step(weights: Tensor, gramian: Tensor, power: float) -> Tensor:
     quadratic convergence. Each direction gets a line search over halving step lengths; the
     candidate with the lowest ``f`` wins, and a step that does not decrease ``f`` is not
     taken.
+
+    Returns the new weights and the squared Newton decrement of the ``w`` step at the old
+    ones, ``lambda^2 = -grad^T step``.
     """
     g_w = gramian @ weights
     barrier_slope = weights.pow(-power)
@@ -126,7 +141,18 @@ def _newton_step(weights: Tensor, gramian: Tensor, power: float) -> Tensor:
     best = change.argmin()
     candidate = weights + moves[best]
     accept = (change[best] < 0) & torch.isfinite(candidate).all() & (candidate > 0).all()
-    return torch.where(accept, candidate, weights)
+    decrement = (barrier_slope - g_w) @ steps[0]
+    return torch.where(accept, candidate, weights), decrement
+
+
+def _converged(moved: Tensor, weights: Tensor, decrement: Tensor, power: float) -> bool:
+    """Whether the step just taken ended the solve: it moved no weight by more than
+    round-off (Newton's method converges quadratically, so later steps would move them
+    less), or, for ``p = 1``, the Newton decrement before it was below
+    :data:`SETTLED_DECREMENT`."""
+    if power == 1.0 and float(decrement) <= SETTLED_DECREMENT:
+        return True
+    return bool((moved.abs() <= CONVERGED * weights).all())
 
 
 def _ridged(system: Tensor, active: Tensor) -> Tensor:
@@ -181,13 +207,12 @@ def bargaining_weights(
 
     on_cpu = weights.device.type == "cpu"
     for _ in range(iterations):
-        stepped = _newton_step(weights, system, power)
-        # Converged once a step moves no weight by more than round-off (Newton's method
-        # converges quadratically, so later steps would move them less): stop there on the
-        # CPU, where reading the test back costs no synchronisation.
+        stepped, decrement = _newton_step(weights, system, power)
         moved = stepped - weights
         weights = stepped
-        if on_cpu and bool((moved.abs() <= CONVERGED * weights).all()):
+        # On the CPU, where reading a test back costs no synchronisation, stop once
+        # converged (see SETTLED_DECREMENT), saving the iteration that would only confirm it.
+        if on_cpu and _converged(moved, weights, decrement, power):
             break
 
     weights = weights * unit.pow(-1.0 / (1.0 + power))

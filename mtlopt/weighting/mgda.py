@@ -78,17 +78,19 @@ class MGDA(Weighting):
 
     def normalizers(self, gramian: Tensor, losses: Tensor) -> Tensor:
         """The ``n_i`` dividing each task gradient before the min-norm problem is solved."""
+        if self.normalization == "none":
+            return torch.ones(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
         norms = _safe(gramian.diagonal().clamp(min=0).sqrt())
         loss_scale = _safe(losses.to(gramian).abs())
         if self.normalization == "l2":
             return norms
         if self.normalization == "loss":
             return loss_scale
-        if self.normalization == "loss+":
-            return loss_scale * norms
-        return torch.ones_like(norms)
+        return loss_scale * norms  # "loss+"
 
     def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        if self.normalization == "none":  # Eq. 3 as written: no rescaled copies
+            return min_norm_weights(gramian)
         normalizers = self.normalizers(gramian, losses)
         normalized = gramian / torch.outer(normalizers, normalizers)
         return min_norm_weights(normalized) / normalizers
