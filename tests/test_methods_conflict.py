@@ -533,10 +533,11 @@ def test_bargaining_stops_at_a_settled_decrement_within_round_off(seed, monkeypa
     moved = jacobian + 0.02 * random_jacobian(800 + seed, m, m + 4)
     gramian = gramian_of(moved)
     steps = []
-    newton_step = bargaining_module._newton_step
-    monkeypatch.setattr(
-        bargaining_module, "_newton_step", lambda *a: steps.append(1) or newton_step(*a)
-    )
+    for name in ("_newton_step", "_full_newton_step"):  # the CPU tries the second first
+        step = getattr(bargaining_module, name)
+        monkeypatch.setattr(
+            bargaining_module, name, lambda *a, step=step: steps.append(1) or step(*a)
+        )
     settled = bargaining_weights(gramian, 1.0, 40, initial=previous)
     settled_steps = len(steps)
     monkeypatch.setattr(bargaining_module, "SETTLED_DECREMENT", 0.0)
@@ -545,6 +546,30 @@ def test_bargaining_stops_at_a_settled_decrement_within_round_off(seed, monkeypa
     assert settled_steps < len(steps)
     torch.testing.assert_close(settled, confirmed, rtol=1e-13, atol=0)
     np.testing.assert_allclose(settled.numpy(), positive_root(gramian.numpy(), 1.0), rtol=1e-9)
+
+
+@pytest.mark.parametrize("power", [0.5, 1.0, 2.0])
+def test_bargaining_full_newton_steps_reach_the_line_searched_solution(power, monkeypatch) -> None:
+    """The CPU takes the full Newton step in ``w`` once it is safe (small decrement, weights
+    positive, ``f`` decreasing) instead of searching two directions: the same solution as
+    the line-searched iterations alone, to 1e-12 relative, and fewer of those."""
+    searched = []
+    newton_step = bargaining_module._newton_step
+    monkeypatch.setattr(
+        bargaining_module, "_newton_step", lambda *a: searched.append(1) or newton_step(*a)
+    )
+    for seed in range(8):
+        m = 2 + seed
+        gramian = gramian_of(random_jacobian(650 + seed, m, m + 2, spread=1.5))
+        searched.clear()
+        fast = bargaining_weights(gramian, power, 40)
+        fast_searches = len(searched)
+        with monkeypatch.context() as patch:
+            patch.setattr(bargaining_module, "FULL_STEP", -1.0)  # never: search every step
+            searched.clear()
+            reference = bargaining_weights(gramian, power, 40)
+        assert fast_searches < len(searched)
+        torch.testing.assert_close(fast, reference, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("power", [0.5, 1.0, 2.0])
