@@ -17,8 +17,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mtlopt import MultiTaskOptimizer
 import mtlopt.solvers.bargaining as bargaining_module
+import mtlopt.solvers.bargaining_host as bargaining_host_module
+from mtlopt import MultiTaskOptimizer
 from mtlopt.solvers.bargaining import bargaining_weights
 from mtlopt.weighting.base import Weighting
 from mtlopt.weighting.cagrad import CAGrad, IMGrad
@@ -521,10 +522,30 @@ def test_nearly_opposite_tasks_still_both_improve(seed: int, name: str) -> None:
     assert_close_update(d, weights @ jacobian.numpy())
 
 
+def count_newton_steps(monkeypatch, solver: str) -> list:
+    """Make ``bargaining_weights`` use one solver (``"tensor"`` or ``"host"``) and record
+    each Newton step it takes (the tensor loop on the CPU tries a full step first)."""
+    if solver == "tensor":
+        monkeypatch.setattr(bargaining_module, "HOST_MAX_TASKS", 0)
+    module, names = (
+        (bargaining_module, ("_newton_step", "_full_newton_step"))
+        if solver == "tensor"
+        else (bargaining_host_module, ("_newton_step",))
+    )
+    steps = []
+    for name in names:
+        step = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, step=step: steps.append(1) or step(*a))
+    return steps
+
+
+@pytest.mark.parametrize("solver", ["tensor", "host"])
 @pytest.mark.parametrize("seed", range(6))
-def test_bargaining_stops_at_a_settled_decrement_within_round_off(seed, monkeypatch) -> None:
+def test_bargaining_stops_at_a_settled_decrement_within_round_off(
+    seed, solver, monkeypatch
+) -> None:
     """Nash-MTL's solve (p = 1) ends once the Newton decrement proves the step just taken
-    landed within round-off: one Newton step fewer than running until a step moves nothing,
+    landed within round-off: fewer Newton steps than running until a step moves nothing,
     and the same weights to 1e-13 relative (warm-started from a nearby solution, as in
     training)."""
     m = 3 + seed
@@ -532,27 +553,76 @@ def test_bargaining_stops_at_a_settled_decrement_within_round_off(seed, monkeypa
     previous = bargaining_weights(gramian_of(jacobian), 1.0, 40)
     moved = jacobian + 0.02 * random_jacobian(800 + seed, m, m + 4)
     gramian = gramian_of(moved)
-    steps = []
-    for name in ("_newton_step", "_full_newton_step"):  # the CPU tries the second first
-        step = getattr(bargaining_module, name)
-        monkeypatch.setattr(
-            bargaining_module, name, lambda *a, step=step: steps.append(1) or step(*a)
-        )
+    steps = count_newton_steps(monkeypatch, solver)
     settled = bargaining_weights(gramian, 1.0, 40, initial=previous)
     settled_steps = len(steps)
     monkeypatch.setattr(bargaining_module, "SETTLED_DECREMENT", 0.0)
     steps.clear()
     confirmed = bargaining_weights(gramian, 1.0, 40, initial=previous)
-    assert settled_steps < len(steps)
+    assert 0 < settled_steps < len(steps)
     torch.testing.assert_close(settled, confirmed, rtol=1e-13, atol=0)
     np.testing.assert_allclose(settled.numpy(), positive_root(gramian.numpy(), 1.0), rtol=1e-9)
 
 
+@pytest.mark.parametrize("power", [0.25, 0.5, 1.0, 2.0, 4.0])
+@pytest.mark.parametrize("kind", ["random", "zero", "opposite", "spread", "warm"])
+def test_bargaining_host_solve_matches_the_tensor_loop(power, kind, monkeypatch) -> None:
+    """On the CPU with few tasks the system is solved on Python floats first: the same
+    weights as the tensor loop to round-off (1e-10 relative), on well-posed, zero-gradient,
+    opposite-gradient, badly scaled and warm-started problems; where the host's plain
+    Newton iteration gives up, the tensor loop's answer is returned."""
+    for seed in range(4):
+        m = 2 + 3 * seed
+        jacobian = random_jacobian(1200 + seed, m, m + 3, spread=3.0 if kind == "spread" else 1.0)
+        if kind == "zero":
+            jacobian[1] = 0.0
+        elif kind == "opposite":
+            jacobian[1] = -jacobian[0]
+        gramian = gramian_of(jacobian)
+        initial = None
+        if kind == "warm":
+            initial = bargaining_weights(gramian_of(jacobian + 0.05), power, 40)
+        host_calls = count_newton_steps(monkeypatch, "host")
+        host = bargaining_weights(gramian, power, 40, initial=initial)
+        monkeypatch.setattr(bargaining_module, "HOST_MAX_TASKS", 0)
+        tensor = bargaining_weights(gramian, power, 40, initial=initial)
+        monkeypatch.undo()
+        assert host_calls, "the host solver should have been tried"
+        # Opposite gradients: only the 1e-10 ridge bounds the weights, whose condition
+        # number is then about 1e10: round-off moves them by 1e-6 relative.
+        rtol = 1e-6 if kind == "opposite" else 1e-10
+        torch.testing.assert_close(host, tensor, rtol=rtol, atol=1e-300)
+        if kind == "zero":
+            assert host[1] == 0.0
+
+
+def test_bargaining_host_hands_hard_problems_to_the_tensor_loop(monkeypatch) -> None:
+    """Without iterations enough for the host's Newton method the tensor loop decides."""
+    jacobian = random_jacobian(1300, 6, 9, spread=3.0)
+    gramian = gramian_of(jacobian)
+    monkeypatch.setattr(bargaining_module, "HOST_MAX_TASKS", 0)
+    expected = bargaining_weights(gramian, 0.5, 40)
+    monkeypatch.undo()
+    tensor_steps = count_newton_steps(monkeypatch, "tensor")
+    monkeypatch.setattr(bargaining_module, "HOST_MAX_TASKS", 16)  # the host path goes first
+    host_steps = []
+    host_step = bargaining_host_module._newton_step
+    monkeypatch.setattr(
+        bargaining_host_module, "_newton_step", lambda *a: host_steps.append(1) or host_step(*a)
+    )
+    monkeypatch.setattr(bargaining_host_module, "HALVINGS", 0)  # no step is ever accepted
+    result = bargaining_weights(gramian, 0.5, 40)
+    assert host_steps and tensor_steps
+    torch.testing.assert_close(result, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("power", [0.5, 1.0, 2.0])
 def test_bargaining_full_newton_steps_reach_the_line_searched_solution(power, monkeypatch) -> None:
-    """The CPU takes the full Newton step in ``w`` once it is safe (small decrement, weights
-    positive, ``f`` decreasing) instead of searching two directions: the same solution as
-    the line-searched iterations alone, to 1e-12 relative, and fewer of those."""
+    """The CPU's tensor loop takes the full Newton step in ``w`` once it is safe (small
+    decrement, weights positive, ``f`` decreasing) instead of searching two directions: the
+    same solution as the line-searched iterations alone, to 1e-12 relative, and fewer of
+    those."""
+    monkeypatch.setattr(bargaining_module, "HOST_MAX_TASKS", 0)
     searched = []
     newton_step = bargaining_module._newton_step
     monkeypatch.setattr(

@@ -45,6 +45,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .bargaining_host import bargaining_on_host
+from .host_linalg import HOST_MAX_TASKS
+
 #: Relative ridges on each task's squared gradient norm, tried in order: the first that makes
 #: the system positive definite is used (see the module docstring).
 RIDGES = (1e-10, 1e-8, 1e-6, 1e-4, 1e-2)
@@ -220,7 +223,22 @@ def bargaining_weights(
             optimally along its ray, it has a lower potential than the cold start.
 
     Tasks with a zero gradient get weight 0; all weights are 0 if every gradient is zero.
+    On the CPU with at most :data:`~mtlopt.solvers.host_linalg.HOST_MAX_TASKS` tasks the
+    solve runs on Python floats first (:mod:`mtlopt.solvers.bargaining_host`).
     """
+    if gramian.device.type == "cpu" and gramian.shape[0] <= HOST_MAX_TASKS:
+        solved = bargaining_on_host(
+            gramian.to(torch.float64).tolist(),
+            power,
+            iterations,
+            None if initial is None else initial.to(torch.float64).tolist(),
+            RIDGES,
+            ZERO_NORM,
+            CONVERGED,
+            SETTLED_DECREMENT,
+        )
+        if solved is not None:
+            return torch.tensor(solved, dtype=torch.float64)
     gramian = 0.5 * (gramian + gramian.T).to(torch.float64)
     m = gramian.shape[0]
     diagonal = gramian.diagonal().clamp(min=0)
