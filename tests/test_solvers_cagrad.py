@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from mtlopt.solvers import cagrad_cpu
 from mtlopt.solvers.cagrad import conflict_averse_weights
 from tests.references import simplex_minimum
 
@@ -150,4 +151,51 @@ def test_degenerate_inputs_stay_on_the_simplex(rows: list[list[float]], c: float
         assert (
             objective(jacobian, weights, radius)
             <= objective(jacobian, reference, radius) + 1e-9 * scale
+        )
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_host_active_set_matches_the_tensor_one(seed: int, monkeypatch) -> None:
+    """On the CPU with few tasks the first active-set attempt runs on Python floats: where
+    it returns, it is certified and equals the tensor method's answer (the same steps on
+    the same face) to 1e-12; where it gives up, the tensor solver answers, as it would
+    have without it."""
+    jacobian, radius = random_problem(seed)
+    gramian = torch.from_numpy(jacobian @ jacobian.T)
+    answers = []
+    host = cagrad_cpu.active_set_on_host
+    monkeypatch.setattr(
+        cagrad_cpu, "active_set_on_host", lambda *a: answers.append(host(*a)) or answers[-1]
+    )
+    with_host = conflict_averse_weights(gramian, radius)
+    monkeypatch.setattr(cagrad_cpu, "HOST_MAX_TASKS", 0)
+    without = conflict_averse_weights(gramian, radius)
+    torch.testing.assert_close(with_host, without, rtol=0, atol=1e-12)
+    if answers and answers[0] is not None:
+        # Certified: weak duality bounds the objective within the solver's tolerance.
+        g_w = jacobian.T @ with_host.numpy()
+        bound = min(jacobian @ (jacobian.mean(0) + radius * g_w / np.linalg.norm(g_w)))
+        gap = objective(jacobian, with_host.numpy(), radius) - bound
+        assert gap <= 1e-9 * (1.0 + np.abs(jacobian).max() ** 2)
+
+
+def test_host_active_set_is_used_and_leaves_dependent_tasks_to_the_tensor_solver(monkeypatch):
+    """Independent tasks: the host answers. Duplicate tasks (a singular face): it declines
+    and the tensor solver's answer is returned."""
+    rng = np.random.default_rng(5)
+    independent = rng.normal(size=(6, 40))
+    duplicated = np.concatenate([independent[:3], independent[:3]])
+    answers = []
+    host = cagrad_cpu.active_set_on_host
+    monkeypatch.setattr(
+        cagrad_cpu, "active_set_on_host", lambda *a: answers.append(host(*a)) or answers[-1]
+    )
+    for jacobian, used in [(independent, True), (duplicated, False)]:
+        answers.clear()
+        radius = 0.4 * float(np.linalg.norm(jacobian.mean(0)))
+        weights = solve(jacobian, radius)
+        assert len(answers) == 1 and (answers[0] is not None) == used
+        assert (
+            objective(jacobian, weights, radius)
+            <= objective(jacobian, scipy_minimum(jacobian, radius), radius) + 1e-9
         )

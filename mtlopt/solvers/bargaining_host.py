@@ -146,7 +146,7 @@ def _newton_step(
     factor = cholesky(hessian)
     if factor is None:
         return None
-    step = [-x for x in cholesky_solve(factor, gradient)]
+    step = [-x for x in cholesky_solve(factor, gradient)[0]]
     decrement = -dot(gradient, step)
     if not math.isfinite(decrement) or decrement < 0.0:
         return None

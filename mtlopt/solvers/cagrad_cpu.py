@@ -48,6 +48,8 @@ import torch
 from torch import Tensor
 
 from .cagrad import LINE_SEARCH_STEPS, NEWTON_STEPS, STAGES, TAU_GROWTH, _polish
+from .cagrad_host import Limits, active_set_on_host
+from .host_linalg import HOST_MAX_TASKS
 
 #: Squared Newton decrement up to which a barrier step is taken in full, without a line
 #: search: ``psi`` is self-concordant, so for ``lambda <= 1/2`` the full step stays inside
@@ -349,6 +351,20 @@ def _active_set(
     return None
 
 
+def _host_limits() -> Limits:
+    """This module's constants, read now, for :func:`active_set_on_host`."""
+    return Limits(
+        ACTIVE_SET_STEPS,
+        SMOOTH_QUADRATIC,
+        UNDAMPED,
+        FACE_CONVERGED,
+        GAP_TOLERANCE,
+        CHOLESKY_PIVOT,
+        ARMIJO,
+        DAMPING_FLOOR,
+    )
+
+
 def _zero_direction_weights(gramian: Tensor, linear: Tensor, radius: float) -> Tensor | None:
     """Weights with ``g_w = 0`` where they are provably optimal, else None.
 
@@ -400,6 +416,10 @@ def solve_on_cpu(gramian: Tensor, linear: Tensor, radius: float) -> Tensor:
     zero_direction = _zero_direction_weights(gramian, linear, radius)
     if zero_direction is not None:
         return zero_direction
+    if m <= HOST_MAX_TASKS:  # the first attempt below, on Python floats
+        found = active_set_on_host(gramian.tolist(), linear.tolist(), radius, _host_limits())
+        if found is not None:
+            return torch.tensor(found, dtype=linear.dtype, device=linear.device)
     ones = torch.ones_like(linear)
     weights = ones / m
     support = ones > 0

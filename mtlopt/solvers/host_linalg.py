@@ -37,29 +37,30 @@ def cholesky(matrix: Matrix) -> Matrix | None:
     factor = [[0.0] * n for _ in range(n)]
     for j in range(n):
         row_j = factor[j]
-        head = row_j[:j]
-        pivot = matrix[j][j] - sum(map(mul, head, head))
+        # Whole-row products: the entries not yet computed are still 0 (no slicing).
+        pivot = matrix[j][j] - sum(map(mul, row_j, row_j))
         if not (pivot > 0.0 and pivot < math.inf):
             return None
         diagonal = math.sqrt(pivot)
         row_j[j] = diagonal
         for i in range(j + 1, n):
             row_i = factor[i]
-            row_i[j] = (matrix[i][j] - sum(map(mul, row_i[:j], head))) / diagonal
+            row_i[j] = (matrix[i][j] - sum(map(mul, row_i, row_j))) / diagonal
     return factor
 
 
-def cholesky_solve(factor: Matrix, rhs: list[float]) -> list[float]:
-    """``x`` with ``L L^T x = rhs`` (forward then backward substitution)."""
-    n = len(rhs)
-    forward = [0.0] * n
-    for i in range(n):
-        row = factor[i]
-        forward[i] = (rhs[i] - sum(map(mul, row[:i], forward[:i]))) / row[i]
-    columns = [list(column) for column in zip(*factor)]  # L^T by rows
-    solution = [0.0] * n
-    for i in range(n - 1, -1, -1):
-        row = columns[i]
-        tail = sum(map(mul, row[i + 1 :], solution[i + 1 :]))
-        solution[i] = (forward[i] - tail) / row[i]
-    return solution
+def cholesky_solve(factor: Matrix, *rhs: list[float]) -> list[list[float]]:
+    """``x`` with ``L L^T x = b`` for each right-hand side ``b`` (forward then backward
+    substitution); the products run over whole rows, the unknowns not yet found being 0."""
+    n = len(factor)
+    upper = [list(column) for column in zip(*factor)]  # L^T by rows
+    solutions = []
+    for b in rhs:
+        forward = [0.0] * n
+        for i in range(n):
+            forward[i] = (b[i] - sum(map(mul, factor[i], forward))) / factor[i][i]
+        solution = [0.0] * n
+        for i in range(n - 1, -1, -1):
+            solution[i] = (forward[i] - sum(map(mul, upper[i], solution))) / upper[i][i]
+        solutions.append(solution)
+    return solutions
