@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 import mtlopt.solvers.bargaining as bargaining_module
 import mtlopt.solvers.bargaining_host as bargaining_host_module
 from mtlopt import MultiTaskOptimizer
+from mtlopt.solvers import host_linalg
 from mtlopt.solvers.bargaining import bargaining_weights
 from mtlopt.weighting.base import Weighting
 from mtlopt.weighting.cagrad import CAGrad, IMGrad
@@ -55,8 +56,6 @@ def random_jacobian(seed: int, m: int, n: int, spread: float = 1.0) -> torch.Ten
     g = torch.Generator().manual_seed(seed)
     scales = torch.exp(spread * torch.randn(m, 1, generator=g, dtype=torch.float64))
     return torch.randn(m, n, generator=g, dtype=torch.float64) * scales
-
-
 
 
 def assert_close_update(ours: torch.Tensor, reference: np.ndarray, rtol: float = 1e-6) -> None:
@@ -526,7 +525,7 @@ def count_newton_steps(monkeypatch, solver: str) -> list:
     """Make ``bargaining_weights`` use one solver (``"tensor"`` or ``"host"``) and record
     each Newton step it takes (the tensor loop on the CPU tries a full step first)."""
     if solver == "tensor":
-        monkeypatch.setattr(bargaining_module, "HOST_MAX_TASKS", 0)
+        monkeypatch.setattr(host_linalg, "HOST_MAX_TASKS", 0)
     module, names = (
         (bargaining_module, ("_newton_step", "_full_newton_step"))
         if solver == "tensor"
@@ -584,7 +583,7 @@ def test_bargaining_host_solve_matches_the_tensor_loop(power, kind, monkeypatch)
             initial = bargaining_weights(gramian_of(jacobian + 0.05), power, 40)
         host_calls = count_newton_steps(monkeypatch, "host")
         host = bargaining_weights(gramian, power, 40, initial=initial)
-        monkeypatch.setattr(bargaining_module, "HOST_MAX_TASKS", 0)
+        monkeypatch.setattr(host_linalg, "HOST_MAX_TASKS", 0)
         tensor = bargaining_weights(gramian, power, 40, initial=initial)
         monkeypatch.undo()
         assert host_calls, "the host solver should have been tried"
@@ -600,11 +599,11 @@ def test_bargaining_host_hands_hard_problems_to_the_tensor_loop(monkeypatch) -> 
     """Without iterations enough for the host's Newton method the tensor loop decides."""
     jacobian = random_jacobian(1300, 6, 9, spread=3.0)
     gramian = gramian_of(jacobian)
-    monkeypatch.setattr(bargaining_module, "HOST_MAX_TASKS", 0)
+    monkeypatch.setattr(host_linalg, "HOST_MAX_TASKS", 0)
     expected = bargaining_weights(gramian, 0.5, 40)
     monkeypatch.undo()
     tensor_steps = count_newton_steps(monkeypatch, "tensor")
-    monkeypatch.setattr(bargaining_module, "HOST_MAX_TASKS", 16)  # the host path goes first
+    monkeypatch.setattr(host_linalg, "HOST_MAX_TASKS", 16)  # the host path goes first
     host_steps = []
     host_step = bargaining_host_module._newton_step
     monkeypatch.setattr(
@@ -622,7 +621,7 @@ def test_bargaining_full_newton_steps_reach_the_line_searched_solution(power, mo
     decrement, weights positive, ``f`` decreasing) instead of searching two directions: the
     same solution as the line-searched iterations alone, to 1e-12 relative, and fewer of
     those."""
-    monkeypatch.setattr(bargaining_module, "HOST_MAX_TASKS", 0)
+    monkeypatch.setattr(host_linalg, "HOST_MAX_TASKS", 0)
     searched = []
     newton_step = bargaining_module._newton_step
     monkeypatch.setattr(

@@ -45,8 +45,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import host_linalg
 from .bargaining_host import bargaining_on_host
-from .host_linalg import HOST_MAX_TASKS
 
 #: Relative ridges on each task's squared gradient norm, tried in order: the first that makes
 #: the system positive definite is used (see the module docstring).
@@ -197,7 +197,7 @@ def _ridged(system: Tensor, active: Tensor) -> Tensor:
     """``system + r diag(G_ii)`` (active tasks) with the smallest ``r`` of :data:`RIDGES` that
     leaves it positive definite (the last one if none does)."""
     diagonal = torch.where(active, system.diagonal(), 0.0)
-    if system.device.type == "cpu":  # one factorisation, read back, usually suffices
+    if host_linalg.reads_back(system):  # one factorisation, read back, usually suffices
         for ridge in RIDGES:
             candidate = system + torch.diag(ridge * diagonal)
             if int(torch.linalg.cholesky_ex(candidate).info) == 0:
@@ -226,7 +226,7 @@ def bargaining_weights(
     On the CPU with at most :data:`~mtlopt.solvers.host_linalg.HOST_MAX_TASKS` tasks the
     solve runs on Python floats first (:mod:`mtlopt.solvers.bargaining_host`).
     """
-    if gramian.device.type == "cpu" and gramian.shape[0] <= HOST_MAX_TASKS:
+    if host_linalg.reads_back(gramian) and gramian.shape[0] <= host_linalg.HOST_MAX_TASKS:
         solved = bargaining_on_host(
             gramian.to(torch.float64).tolist(),
             power,
@@ -268,7 +268,7 @@ def bargaining_weights(
         better = better & torch.isfinite(warm).all() & (warm > 0).all()
         weights = torch.where(better, warm, cold)
 
-    on_cpu = weights.device.type == "cpu"
+    on_cpu = host_linalg.reads_back(weights)
     for _ in range(iterations):
         stepped, decrement = _full_newton_step(weights, system, power) if on_cpu else (None, None)
         if stepped is None:

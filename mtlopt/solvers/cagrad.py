@@ -33,6 +33,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .host_linalg import reads_back
+
 #: Path stages: ``tau = TAU_GROWTH^k``, ``k = 0 .. STAGES - 1``, times ``m + 2``.
 STAGES = 10
 TAU_GROWTH = 30.0
@@ -175,7 +177,7 @@ def conflict_averse_weights(
     # Objective divided by (1 + r): of order one whatever r, so one tau schedule fits all.
     linear = normalised.mean(1) / (1.0 + radius)
     radius = radius / (1.0 + radius)
-    if early_exit if early_exit is not None else device.type == "cpu":
+    if early_exit if early_exit is not None else reads_back(gramian):
         if bool(zero):
             return uniform
         from .cagrad_cpu import solve_on_cpu  # it builds on this module's pieces

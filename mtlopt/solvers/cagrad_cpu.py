@@ -47,9 +47,9 @@ import math
 import torch
 from torch import Tensor
 
+from . import host_linalg
 from .cagrad import LINE_SEARCH_STEPS, NEWTON_STEPS, STAGES, TAU_GROWTH, _polish
 from .cagrad_host import Limits, active_set_on_host
-from .host_linalg import HOST_MAX_TASKS
 
 #: Squared Newton decrement up to which a barrier step is taken in full, without a line
 #: search: ``psi`` is self-concordant, so for ``lambda <= 1/2`` the full step stays inside
@@ -416,7 +416,7 @@ def solve_on_cpu(gramian: Tensor, linear: Tensor, radius: float) -> Tensor:
     zero_direction = _zero_direction_weights(gramian, linear, radius)
     if zero_direction is not None:
         return zero_direction
-    if m <= HOST_MAX_TASKS:  # the first attempt below, on Python floats
+    if host_linalg.reads_back(linear) and m <= host_linalg.HOST_MAX_TASKS:  # on Python floats
         found = active_set_on_host(gramian.tolist(), linear.tolist(), radius, _host_limits())
         if found is not None:
             return torch.tensor(found, dtype=linear.dtype, device=linear.device)

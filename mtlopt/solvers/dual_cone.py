@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .host_linalg import reads_back
 from .min_norm import nonnegative_qp
 
 #: Ridge added to the max-diagonal-normalised Gramian. When ``G`` is singular with a
@@ -49,13 +50,23 @@ def dual_cone_weights(gramian: Tensor, u: Tensor) -> Tensor:
     rows = u.unsqueeze(0) if squeeze else u
     m = gramian.shape[0]
     largest = gramian.diagonal().amax()
-    zero_gramian = largest <= 0
-    eye = torch.eye(m, dtype=torch.float64, device=gramian.device)
-    quadratic = gramian / torch.where(zero_gramian, 1.0, largest) + RIDGE * eye
+    if reads_back(gramian):  # the test read back (free there): fewer operations
+        top = float(largest)
+        if top <= 0:
+            v = rows.clamp(min=0)
+            return v.squeeze(0) if squeeze else v
+        quadratic = gramian / top
+        quadratic.diagonal().add_(RIDGE)
+        zero_gramian = None
+    else:
+        zero_gramian = largest <= 0
+        eye = torch.eye(m, dtype=torch.float64, device=gramian.device)
+        quadratic = gramian / torch.where(zero_gramian, 1.0, largest) + RIDGE * eye
     scale = rows.abs().amax(-1, keepdim=True)
     scale = torch.where(scale > 0, scale, 1.0)
     unit_rows = rows / scale
     shift = nonnegative_qp(quadratic, unit_rows @ quadratic)
     v = rows + shift * scale  # adding a non-negative shift keeps v >= u exactly
-    v = torch.where(zero_gramian, rows.clamp(min=0), v)
+    if zero_gramian is not None:
+        v = torch.where(zero_gramian, rows.clamp(min=0), v)
     return v.squeeze(0) if squeeze else v

@@ -17,6 +17,15 @@ Matrix = list[list[float]]
 
 #: Above this many tasks the host paths leave the work to torch (Python's O(m^3) grows).
 HOST_MAX_TASKS = 16
+#: Take the CPU's shortcuts: values read back to the host (free there) and the host paths.
+#: Off, the CPU runs the synchronisation-free tensor code of other devices (the tests
+#: compare the two).
+HOST_READS = True
+
+
+def reads_back(tensor: object) -> bool:
+    """Whether code may read ``tensor``'s values back to the host at no cost (the CPU)."""
+    return HOST_READS and tensor.device.type == "cpu"  # type: ignore[attr-defined]
 
 
 # sum(map(mul, ...)) runs its loop in C: about twice as fast as a generator expression.

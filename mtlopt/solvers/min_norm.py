@@ -37,6 +37,8 @@ import math
 import torch
 from torch import Tensor
 
+from .host_linalg import reads_back
+
 #: Interior-point iterations; the duality gap shrinks by a factor of about 1e2 per iteration
 #: once the iterates are near the central path, so this reaches round-off on every test case.
 IPM_ITERATIONS = 25
@@ -290,8 +292,18 @@ def _principal_pivoting(
 
 
 def _face_solution(quadratic: Tensor, linear: Tensor, support: Tensor, on_simplex: bool) -> Tensor:
-    """:func:`_face_minimisers` for one linear term per problem (``[b, m]`` in and out)."""
-    return _face_minimisers(quadratic, linear.unsqueeze(-1), support, on_simplex).squeeze(-1)
+    """:func:`_face_minimisers` for one linear term per problem (``[b, m]`` in and out).
+
+    Without the simplex's border the face systems are built by masking (``Q`` restricted
+    to the support, a unit diagonal off it, the same ridge on it): the same matrices in
+    12 tensor operations instead of 18 (and one LU call instead of two).
+    """
+    if on_simplex:
+        return _face_minimisers(quadratic, linear.unsqueeze(-1), support, True).squeeze(-1)
+    block = torch.where(support.unsqueeze(-1) & support.unsqueeze(-2), quadratic, 0.0)
+    block.diagonal(dim1=-2, dim2=-1).add_(torch.where(support, FACE_RIDGE, 1.0))
+    solved, _ = torch.linalg.solve_ex(block, torch.where(support, -linear, 0.0).unsqueeze(-1))
+    return torch.where(support, solved.squeeze(-1), 0.0)
 
 
 def nonnegative_qp(quadratic: Tensor, linear: Tensor, on_simplex: bool = False) -> Tensor:
@@ -305,7 +317,7 @@ def nonnegative_qp(quadratic: Tensor, linear: Tensor, on_simplex: bool = False) 
     squeeze = linear.dim() == 1
     rows = linear.unsqueeze(0) if squeeze else linear
     quadratic = 0.5 * (quadratic + quadratic.transpose(-1, -2))
-    pivot = PIVOT_ON_CPU and rows.device.type == "cpu"
+    pivot = PIVOT_ON_CPU and reads_back(rows)
     faces = rows.shape[0] * 2 ** rows.shape[1]
     if faces <= (CPU_ENUMERATION_LIMIT if pivot else ENUMERATION_LIMIT):
         x = _enumerate_faces(quadratic, rows, on_simplex)
