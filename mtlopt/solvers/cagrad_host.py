@@ -54,12 +54,10 @@ def active_set_on_host(
             sub_linear = [linear[i] for i in index]
             sub = [weights[i] for i in index]
             changed = False
-        g_w = matvec(sub_gramian, sub)
-        quadratic = dot(sub, g_w)
-        if not quadratic > limits.smooth_quadratic:
+        smooth = _smooth_gradient(sub_gramian, sub, sub_linear, radius, limits)
+        if smooth is None:
             return None
-        curvature = radius / math.sqrt(quadratic)
-        gradient = [a + curvature * b for a, b in zip(sub_linear, g_w)]
+        g_w, quadratic, curvature, gradient = smooth
         # The Hessian curvature (G - g_w g_w^T / q) plus shift 1 1^T (cagrad_cpu's
         # _tangent_newton explains the shift).
         outer, shift = curvature / quadratic, curvature or 1.0
@@ -105,12 +103,10 @@ def active_set_on_host(
         if not converged:
             continue
         weights = _spread(sub, index, m)
-        g_w = matvec(gramian, weights)
-        quadratic = dot(weights, g_w)
-        if not quadratic > limits.smooth_quadratic:
+        smooth = _smooth_gradient(gramian, weights, linear, radius, limits)
+        if smooth is None:
             return None
-        scale = radius / math.sqrt(quadratic)
-        gradient = [a + scale * b for a, b in zip(linear, g_w)]
+        gradient = smooth[3]
         # Weak duality with d = g_0 + r g_w / ||g_w||: f* >= min_i gradient_i, f(w) = w^T gradient.
         value = dot(weights, gradient)
         if value - min(gradient) <= limits.gap_tolerance:
@@ -121,6 +117,19 @@ def active_set_on_host(
         free = [f or v for f, v in zip(free, violators)]
         changed, previous = True, math.inf
     return None
+
+
+def _smooth_gradient(
+    gramian: Matrix, weights: list[float], linear: list[float], radius: float, limits: Limits
+) -> tuple[list[float], float, float, list[float]] | None:
+    """``g_w = G w``, ``q = ||g_w||^2``, ``r / sqrt(q)`` and the objective's gradient
+    ``c + r g_w / sqrt(q)``; None where ``q`` is below the smooth range."""
+    g_w = matvec(gramian, weights)
+    quadratic = dot(weights, g_w)
+    if not quadratic > limits.smooth_quadratic:
+        return None
+    curvature = radius / math.sqrt(quadratic)
+    return g_w, quadratic, curvature, [a + curvature * b for a, b in zip(linear, g_w)]
 
 
 def _spread(sub: list[float], index: list[int], m: int) -> list[float]:
