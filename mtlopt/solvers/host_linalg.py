@@ -4,7 +4,7 @@ The weightings' problems are ``m x m`` with ``m`` the number of tasks. On the CP
 spends microseconds dispatching each small operation, several times that when the step's
 backward pass has just evicted the caches (an ``m = 10`` Newton iteration is 35 operations:
 0.2 ms there). The same arithmetic on Python floats is a few hundred multiplications, and
-pays no dispatch: the host paths use these helpers below :data:`HOST_MAX_TASKS` tasks, where
+pays no dispatch: the host paths use these helpers up to :data:`HOST_MAX_TASKS` tasks, where
 the ``O(m^3)`` Python work is still the cheaper side.
 """
 
@@ -32,10 +32,12 @@ def reads_back(tensor: object) -> bool:
 
 
 def dot(u: list[float], v: list[float]) -> float:
+    """``u^T v``."""
     return sum(map(mul, u, v))
 
 
 def matvec(matrix: Matrix, vector: list[float]) -> list[float]:
+    """``A v`` (``A`` by rows)."""
     return [sum(map(mul, row, vector)) for row in matrix]
 
 
