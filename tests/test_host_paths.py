@@ -22,6 +22,7 @@ WEIGHTINGS = {
     "CAGrad": W.CAGrad,
     "IMGrad": W.IMGrad,
     "MGDA": W.MGDA,
+    "IMTLG": W.IMTLG,
 }
 
 
@@ -56,3 +57,30 @@ def test_cpu_shortcuts_match_the_device_code(name, m, kind, monkeypatch) -> None
             error = (difference @ gramian @ difference).clamp(min=0).sqrt()
             size = (reference @ gramian @ reference).clamp(min=0).sqrt()
             assert error <= 1e-6 * (size + gramian.diagonal().max().sqrt()), (fast, reference)
+
+
+def test_imtl_g_host_solve_needs_its_certificate(monkeypatch) -> None:
+    """IMTL-G's host path answers only where the conditioning bound proves the
+    pseudo-inverse is the inverse: nearly dependent gradients go to the tensor path (whose
+    eigenvalue cut-off then matters), and both paths agree where the host answers."""
+    from mtlopt.weighting import imtl_host
+
+    answers = []
+    host = imtl_host.imtl_g_on_host
+    monkeypatch.setattr(
+        "mtlopt.weighting.imtl.imtl_g_on_host", lambda *a: answers.append(host(*a)) or answers[-1]
+    )
+    g = torch.Generator().manual_seed(3)
+    independent = torch.randn(6, 20, generator=g, dtype=torch.float64)
+    dependent = independent.clone()
+    dependent[5] = dependent[4] + 1e-9 * dependent[0]  # K has an eigenvalue near 1e-18
+    losses = torch.ones(6, dtype=torch.float64)
+    for jacobian, answered in [(independent, True), (dependent, False)]:
+        answers.clear()
+        gramian = jacobian @ jacobian.T
+        weights = W.IMTLG().weights_from_gramian(gramian, losses)
+        assert (answers[0] is not None) == answered
+        monkeypatch.setattr(host_linalg, "HOST_READS", False)
+        reference = W.IMTLG().weights_from_gramian(gramian, losses)
+        monkeypatch.setattr(host_linalg, "HOST_READS", True)
+        torch.testing.assert_close(weights, reference, rtol=1e-9, atol=1e-12)

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mtlopt.solvers.min_norm as min_norm_module
+from mtlopt.solvers import host_linalg
 from mtlopt.solvers.dual_cone import dual_cone_weights
 from mtlopt.solvers.min_norm import min_norm_weights, nonnegative_qp
 
@@ -268,13 +269,18 @@ def test_min_norm_many_tasks():
     assert (gram @ w).min() >= w @ gram @ w - 1e-11 * gram.diagonal().max()
 
 
+@pytest.mark.parametrize("on_host", [True, False], ids=["host", "tensors"])
 @pytest.mark.parametrize("seed", range(6))
-def test_full_face_shortcut_solves_interior_optima_and_declines_the_rest(seed, monkeypatch):
-    """On the CPU the simplex's first face (every weight free) is solved directly: where the
-    optimum is interior (near-orthogonal rows) that answer is the exact one, taken without
-    pivoting; where it is not (correlated rows, an optimum on a smaller face) the shortcut
-    declines and pivoting finds the enumeration's optimum."""
+def test_full_face_shortcut_solves_interior_optima_and_declines_the_rest(
+    seed, on_host, monkeypatch
+):
+    """On the CPU the simplex's first face (every weight free) is solved directly, on
+    Python floats up to 16 tasks, else in torch: where the optimum is interior
+    (near-orthogonal rows) that answer is the exact one, taken without pivoting; where it
+    is not (correlated rows, an optimum on a smaller face) the shortcut declines and
+    pivoting finds the enumeration's optimum."""
     use_path(monkeypatch, "pivoting")
+    monkeypatch.setattr(host_linalg, "HOST_MAX_TASKS", 16 if on_host else 0)
     rng = np.random.default_rng(seed)
     m = 6 + seed
     pivots = []

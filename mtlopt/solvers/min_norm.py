@@ -37,7 +37,9 @@ import math
 import torch
 from torch import Tensor
 
+from . import host_linalg
 from .host_linalg import reads_back
+from .min_norm_host import min_norm_on_host
 
 #: Interior-point iterations; the duality gap shrinks by a factor of about 1e2 per iteration
 #: once the iterates are near the central path, so this reaches round-off on every test case.
@@ -378,7 +380,9 @@ def min_norm_weights(gramian: Tensor) -> Tensor:
     divided by its largest diagonal entry first; any scale from 1e-10 to 1e15 gives the same
     weights. An all-zero ``G`` (every gradient zero) returns the uniform weights. Where the
     minimiser is not unique (duplicate, collinear or zero rows) the weights returned are a
-    minimiser; the min-norm point ``w^T J`` itself is always unique.
+    minimiser; the min-norm point ``w^T J`` itself is always unique. On the CPU with up to
+    16 tasks an interior optimum is found on Python floats first
+    (:mod:`mtlopt.solvers.min_norm_host`).
     """
     if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1]:
         raise ValueError(f"gramian: expected a square matrix, got shape {tuple(gramian.shape)}")
@@ -386,6 +390,10 @@ def min_norm_weights(gramian: Tensor) -> Tensor:
     m = gramian.shape[0]
     if m == 1:
         return torch.ones(1, dtype=torch.float64, device=gramian.device)
+    if PIVOT_ON_CPU and reads_back(gramian) and m <= host_linalg.HOST_MAX_TASKS:
+        solved = min_norm_on_host(gramian.tolist(), FACE_RIDGE)
+        if solved is not None:
+            return torch.tensor(solved, dtype=torch.float64)
     largest = gramian.diagonal().amax()
     zero = largest <= 0
     normalised = gramian / torch.where(zero, 1.0, largest)

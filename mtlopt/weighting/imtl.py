@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..solvers import gramian_rtol, pinv_solve
+from ..solvers import gramian_rtol, host_linalg, pinv_solve
 from .base import Weighting
+from .imtl_host import imtl_g_on_host
 from .learned import LearnedPerTask
 
 
@@ -19,8 +20,14 @@ def imtl_g_weights(gramian: Tensor, rtol: float) -> Tensor:
     (equal to ``G^-1 sqrt(diag G)`` normalised, the paper's Eq. 8, when ``J`` has full row rank).
     Working on ``K`` makes the rank cut-off independent of the gradients' scales, which is
     the imbalance IMTL-G exists to handle. Tasks with a zero gradient get weight 0; if the
-    weights cannot be normalised (all gradients zero) they are all zero.
+    weights cannot be normalised (all gradients zero) they are all zero. On the CPU with up
+    to 16 tasks a well-conditioned ``K`` is solved on Python floats first
+    (:mod:`mtlopt.weighting.imtl_host`).
     """
+    if host_linalg.reads_back(gramian) and gramian.shape[0] <= host_linalg.HOST_MAX_TASKS:
+        solved = imtl_g_on_host(gramian.tolist(), rtol)
+        if solved is not None:
+            return torch.tensor(solved, dtype=gramian.dtype)
     norms = gramian.diagonal().clamp(min=0).sqrt()
     active = norms > norms.amax() * 1e-150  # exact zeros (and denormal dust) carry no direction
     safe = torch.where(active, norms, torch.ones_like(norms))
