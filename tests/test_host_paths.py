@@ -84,3 +84,28 @@ def test_imtl_g_host_solve_needs_its_certificate(monkeypatch) -> None:
         reference = W.IMTLG().weights_from_gramian(gramian, losses)
         monkeypatch.setattr(host_linalg, "HOST_READS", True)
         torch.testing.assert_close(weights, reference, rtol=1e-9, atol=1e-12)
+
+
+def test_cagrad_host_chain_equals_the_tensor_chain(monkeypatch) -> None:
+    """CAGrad on Python floats (up to 16 tasks) is the CPU's tensor chain step for step:
+    the same weights to 1e-12 where it answers, the tensor chain's where it declines."""
+    from mtlopt.weighting import cagrad as cagrad_module
+
+    answers = []
+    host = cagrad_module.cagrad_weights_on_host
+    monkeypatch.setattr(
+        cagrad_module, "cagrad_weights_on_host", lambda *a: answers.append(host(*a)) or answers[-1]
+    )
+    for seed in range(12):
+        m = 2 + seed
+        gramian = gramian_of(300 + seed, m, "shared" if seed % 3 == 0 else "random")
+        losses = torch.ones(m, dtype=torch.float64)
+        for c in (0.4, 0.9):
+            answers.clear()
+            fast = W.CAGrad(c=c).weights_from_gramian(gramian, losses)
+            monkeypatch.setattr(host_linalg, "HOST_MAX_TASKS", 0)
+            tensor = W.CAGrad(c=c).weights_from_gramian(gramian, losses)
+            monkeypatch.setattr(host_linalg, "HOST_MAX_TASKS", 16)
+            torch.testing.assert_close(fast, tensor, rtol=0, atol=1e-12)
+        if m <= 11:
+            assert answers[-1] is not None, f"the host chain should answer at m = {m}"

@@ -351,7 +351,7 @@ def _active_set(
     return None
 
 
-def _host_limits() -> Limits:
+def host_limits() -> Limits:
     """This module's constants, read now, for :func:`active_set_on_host`."""
     return Limits(
         ACTIVE_SET_STEPS,
@@ -417,7 +417,7 @@ def solve_on_cpu(gramian: Tensor, linear: Tensor, radius: float) -> Tensor:
     if zero_direction is not None:
         return zero_direction
     if host_linalg.reads_back(linear) and m <= host_linalg.HOST_MAX_TASKS:  # on Python floats
-        found = active_set_on_host(gramian.tolist(), linear.tolist(), radius, _host_limits())
+        found = active_set_on_host(gramian.tolist(), linear.tolist(), radius, host_limits())
         if found is not None:
             return torch.tensor(found, dtype=linear.dtype, device=linear.device)
     ones = torch.ones_like(linear)

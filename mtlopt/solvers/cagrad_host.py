@@ -185,3 +185,37 @@ def _damped_length(
             return length
         length *= 0.5
     return None
+
+
+def cagrad_weights_on_host(
+    gramian: Matrix, c: float, divisor: float, zero_direction: float, limits: Limits
+) -> list[float] | None:
+    """:class:`mtlopt.weighting.CAGrad`'s weights from its first active-set attempt, the
+    whole chain on Python floats (the Gramian normalised, the inner problem set up as
+    :func:`mtlopt.solvers.cagrad.conflict_averse_weights` does, the update's weights as
+    ``weighting.cagrad._conflict_averse_update``); None wherever the tensor chain would take
+    another branch (a zero Gramian or a zero task, ``c = 0``, a possibly zero ``g_w``) or the
+    active set declines."""
+    m = len(gramian)
+    largest = max(gramian[i][i] for i in range(m))
+    if m < 2 or not 0.0 < largest < math.inf:
+        return None
+    unit = [[g / largest for g in row] for row in gramian]  # CAGrad's _normalised
+    radius = c * math.sqrt(max(sum(map(sum, unit)) / (m * m), 0.0))  # c ||g_0||
+    symmetric = [
+        [0.5 * (a + b) for a, b in zip(row, column)] for row, column in zip(unit, zip(*unit))
+    ]
+    if any(not any(row) for row in symmetric) or radius == 0.0:
+        return None
+    linear = [sum(row) / m / (1.0 + radius) for row in symmetric]
+    inner = radius / (1.0 + radius)
+    # solve_on_cpu's zero-direction shortcut applies: leave it to the tensor chain.
+    outer = inner / (1.0 - inner)
+    if outer * outer >= sum(linear) / m / (1.0 - inner) or abs(min(linear)) <= limits.gap_tolerance:
+        return None
+    weights = active_set_on_host(symmetric, linear, inner, limits)
+    if weights is None:
+        return None
+    norm = math.sqrt(max(dot(weights, matvec(unit, weights)), 0.0))
+    scale = radius / norm if norm > zero_direction else 0.0
+    return [(1.0 / m + scale * w) / divisor for w in weights]

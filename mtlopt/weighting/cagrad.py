@@ -7,7 +7,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..solvers import host_linalg
 from ..solvers.cagrad import conflict_averse_weights
+from ..solvers.cagrad_cpu import host_limits
+from ..solvers.cagrad_host import cagrad_weights_on_host
 from ..solvers.min_norm import min_norm_weights
 from .base import Weighting
 
@@ -118,6 +121,16 @@ class CAGrad(Weighting):
         return (1.0, 1.0 + self.c**2, 1.0 + self.c)[self.rescale]
 
     def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        if host_linalg.reads_back(gramian) and gramian.shape[0] <= host_linalg.HOST_MAX_TASKS:
+            found = cagrad_weights_on_host(
+                gramian.to(torch.float64).tolist(),
+                self.c,
+                self.divisor(),
+                ZERO_DIRECTION,
+                host_limits(),
+            )
+            if found is not None:  # the same chain on Python floats (CPU, few tasks)
+                return torch.tensor(found, dtype=torch.float64)
         gramian = _normalised(gramian)
         mean_norm = gramian.mean().clamp(min=0).sqrt()  # ||g_0||: 1^T G 1 / m^2
         radius = self.c * mean_norm

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..solvers import host_linalg
 from ..solvers.bargaining import bargaining_weights
 from .base import Weighting, copy_tensor_state
 
@@ -95,9 +97,18 @@ class NashMTL(Weighting):
         self.step += 1
         weights = self.alpha
         if self.max_norm > 0:
-            norm = (weights @ gramian @ weights).clamp(min=0).sqrt()
-            weights = weights * torch.clamp(self.max_norm / norm, max=1.0)
+            weights = weights * self._clip_factor(weights, gramian)
         return weights
+
+    def _clip_factor(self, weights: Tensor, gramian: Tensor) -> Tensor | float:
+        """``min(1, max_norm / ||a^T J||)``, on Python floats on the CPU with few tasks."""
+        if host_linalg.reads_back(gramian) and gramian.shape[0] <= host_linalg.HOST_MAX_TASKS:
+            a = weights.tolist()
+            squared = host_linalg.dot(a, host_linalg.matvec(gramian.tolist(), a))
+            norm = math.sqrt(max(squared, 0.0)) if squared == squared else math.nan
+            return min(self.max_norm / norm, 1.0) if norm != 0.0 else 1.0
+        norm = (weights @ gramian @ weights).clamp(min=0).sqrt()
+        return torch.clamp(self.max_norm / norm, max=1.0)
 
     def state_dict(self) -> dict[str, Any]:
         return {
