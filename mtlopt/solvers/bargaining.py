@@ -226,7 +226,7 @@ def bargaining_weights(
     On the CPU with at most :data:`~mtlopt.solvers.host_linalg.HOST_MAX_TASKS` tasks the
     solve runs on Python floats first (:mod:`mtlopt.solvers.bargaining_host`).
     """
-    if host_linalg.reads_back(gramian) and gramian.shape[0] <= host_linalg.HOST_MAX_TASKS:
+    if host_linalg.on_host(gramian):
         solved = bargaining_on_host(
             gramian.to(torch.float64).tolist(),
             power,

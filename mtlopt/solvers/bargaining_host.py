@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 
-from .host_linalg import Matrix, cholesky, cholesky_solve, dot, matvec
+from .host_linalg import Matrix, cholesky, cholesky_solve, dot, matvec, symmetrised
 
 #: Sufficient decrease of the line search (Armijo), and how many halvings it tries.
 ARMIJO = 1e-4
@@ -43,7 +43,7 @@ def bargaining_on_host(
     """:func:`mtlopt.solvers.bargaining.bargaining_weights` on Python floats (its constants
     passed in), or None where the tensor loop must decide (see the module docstring)."""
     m = len(gramian)
-    symmetric = [[0.5 * (gramian[i][j] + gramian[j][i]) for j in range(m)] for i in range(m)]
+    symmetric = symmetrised(gramian)
     diagonal = [max(symmetric[i][i], 0.0) for i in range(m)]
     largest = max(diagonal)
     # (A sum that overflows only sends a finite problem to the tensor loop.)

@@ -416,7 +416,7 @@ def solve_on_cpu(gramian: Tensor, linear: Tensor, radius: float) -> Tensor:
     zero_direction = _zero_direction_weights(gramian, linear, radius)
     if zero_direction is not None:
         return zero_direction
-    if host_linalg.reads_back(linear) and m <= host_linalg.HOST_MAX_TASKS:  # on Python floats
+    if host_linalg.on_host(linear):  # the first attempt below, on Python floats
         found = active_set_on_host(gramian.tolist(), linear.tolist(), radius, host_limits())
         if found is not None:
             return torch.tensor(found, dtype=linear.dtype, device=linear.device)

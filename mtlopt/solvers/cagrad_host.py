@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from .host_linalg import Matrix, cholesky, cholesky_solve, dot, matvec
+from .host_linalg import Matrix, cholesky, cholesky_solve, dot, matvec, symmetrised
 
 
 class Limits(NamedTuple):
@@ -202,9 +202,7 @@ def cagrad_weights_on_host(
         return None
     unit = [[g / largest for g in row] for row in gramian]  # CAGrad's _normalised
     radius = c * math.sqrt(max(sum(map(sum, unit)) / (m * m), 0.0))  # c ||g_0||
-    symmetric = [
-        [0.5 * (a + b) for a, b in zip(row, column)] for row, column in zip(unit, zip(*unit))
-    ]
+    symmetric = symmetrised(unit)
     if any(not any(row) for row in symmetric) or radius == 0.0:
         return None
     linear = [sum(row) / m / (1.0 + radius) for row in symmetric]

@@ -28,6 +28,19 @@ def reads_back(tensor: object) -> bool:
     return HOST_READS and tensor.device.type == "cpu"  # type: ignore[attr-defined]
 
 
+def on_host(gramian: object) -> bool:
+    """Whether the problem of this ``m x m`` Gramian (or ``[..., m]`` tensor) takes its host
+    path: on the CPU, with at most :data:`HOST_MAX_TASKS` tasks."""
+    return reads_back(gramian) and gramian.shape[-1] <= HOST_MAX_TASKS  # type: ignore[attr-defined]
+
+
+def symmetrised(matrix: Matrix) -> Matrix:
+    """``(A + A^T) / 2``."""
+    return [
+        [0.5 * (a + b) for a, b in zip(row, column)] for row, column in zip(matrix, zip(*matrix))
+    ]
+
+
 # sum(map(mul, ...)) runs its loop in C: about twice as fast as a generator expression.
 
 

@@ -17,8 +17,8 @@ synchronisation (every branch is a ``torch.where``, every loop has a fixed lengt
   it reads its convergence flags on the host, which costs nothing there, and usually ends
   after 2 to 4 face solves. On the simplex its first face (every weight free) is tried
   first as one direct solve: the min-norm point of gradients that barely conflict has
-  every weight positive, and is then found in a third of the time. A problem it has not solved within its swap budget (singular
-  faces) goes to the interior point below.
+  every weight positive, and is then found in a third of the time. A problem it has not
+  solved within its swap budget (singular faces) goes to the interior point below.
 * More tasks elsewhere: a primal-dual interior-point method (Mehrotra's predictor-corrector, Nocedal and
   Wright, "Numerical Optimization", 2nd ed., Sec. 16.6) for a fixed number of iterations,
   then one active-set "purification" step on the support it identified, kept when feasible
@@ -390,7 +390,7 @@ def min_norm_weights(gramian: Tensor) -> Tensor:
     m = gramian.shape[0]
     if m == 1:
         return torch.ones(1, dtype=torch.float64, device=gramian.device)
-    if PIVOT_ON_CPU and reads_back(gramian) and m <= host_linalg.HOST_MAX_TASKS:
+    if PIVOT_ON_CPU and host_linalg.on_host(gramian):
         solved = min_norm_on_host(gramian.tolist(), FACE_RIDGE)
         if solved is not None:
             return torch.tensor(solved, dtype=torch.float64)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from .host_linalg import Matrix, cholesky, cholesky_solve
+from .host_linalg import Matrix, cholesky, cholesky_solve, symmetrised
 
 
 def min_norm_on_host(gramian: Matrix, ridge: float) -> list[float] | None:
@@ -24,9 +24,7 @@ def min_norm_on_host(gramian: Matrix, ridge: float) -> list[float] | None:
     largest = max(gramian[i][i] for i in range(m))
     if not 0.0 < largest < math.inf:
         return None
-    quadratic = [
-        [0.5 * (gramian[i][j] + gramian[j][i]) / largest for j in range(m)] for i in range(m)
-    ]
+    quadratic = [[g / largest for g in row] for row in symmetrised(gramian)]
     for i in range(m):
         quadratic[i][i] += ridge
     factor = cholesky(quadratic)

@@ -121,7 +121,7 @@ class CAGrad(Weighting):
         return (1.0, 1.0 + self.c**2, 1.0 + self.c)[self.rescale]
 
     def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
-        if host_linalg.reads_back(gramian) and gramian.shape[0] <= host_linalg.HOST_MAX_TASKS:
+        if host_linalg.on_host(gramian):
             found = cagrad_weights_on_host(
                 gramian.to(torch.float64).tolist(),
                 self.c,

@@ -24,7 +24,7 @@ def imtl_g_weights(gramian: Tensor, rtol: float) -> Tensor:
     to 16 tasks a well-conditioned ``K`` is solved on Python floats first
     (:mod:`mtlopt.weighting.imtl_host`).
     """
-    if host_linalg.reads_back(gramian) and gramian.shape[0] <= host_linalg.HOST_MAX_TASKS:
+    if host_linalg.on_host(gramian):
         solved = imtl_g_on_host(gramian.tolist(), rtol)
         if solved is not None:
             return torch.tensor(solved, dtype=gramian.dtype)

@@ -102,10 +102,10 @@ class NashMTL(Weighting):
 
     def _clip_factor(self, weights: Tensor, gramian: Tensor) -> Tensor | float:
         """``min(1, max_norm / ||a^T J||)``, on Python floats on the CPU with few tasks."""
-        if host_linalg.reads_back(gramian) and gramian.shape[0] <= host_linalg.HOST_MAX_TASKS:
+        if host_linalg.on_host(gramian):
             a = weights.tolist()
             squared = host_linalg.dot(a, host_linalg.matvec(gramian.tolist(), a))
-            norm = math.sqrt(max(squared, 0.0)) if squared == squared else math.nan
+            norm = math.sqrt(max(squared, 0.0))  # (max keeps a nan first argument)
             return min(self.max_norm / norm, 1.0) if norm != 0.0 else 1.0
         norm = (weights @ gramian @ weights).clamp(min=0).sqrt()
         return torch.clamp(self.max_norm / norm, max=1.0)
