@@ -229,7 +229,11 @@ def weighting_times(methods: list[Method], args: argparse.Namespace, device: tor
                 notes.append(f"weighting-only {method.name} m={n_tasks}: mtlopt failed: {error!r}")
                 continue
             entry = WeightingTime(method.name, n_tasks, ours, label)
-            peer = torchjd_weighting_call(method, data) if with_torchjd else None
+            try:
+                peer = torchjd_weighting_call(method, data) if with_torchjd else None
+            except Exception as error:  # noqa: BLE001 - e.g. a missing optional solver
+                notes.append(f"weighting-only {method.name} m={n_tasks}: torchjd: {error!r}")
+                peer = None
             if peer is not None:
                 try:
                     with warnings.catch_warnings():  # cvxpy's DPP notice, already noted

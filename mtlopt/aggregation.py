@@ -22,6 +22,8 @@ class GroupPlan:
     loss_weights: Tensor | None = None  #: float64 ``[m]`` factors, or None for none
     masks: list[int] = field(default_factory=list)  #: tasks reaching each param (bit masks)
     row: int | None = None  #: loss-only path: which loss-weighted row this group reads
+    #: loss-only path: the step's distinct rows of loss weights, shared by all its plans.
+    rows: list[Tensor] | None = None
     #: After :meth:`split`: (position in ``params``, per-task block) of the shared tensors.
     shared: list[tuple[int, Tensor]] = field(default_factory=list)
     #: After :meth:`split`: the updates of the task heads (parameter, its task's gradient).

@@ -21,12 +21,13 @@ import torch
 from torch import Tensor
 
 from .aggregation import GroupPlan, GroupResult, gramian
+from .features_single_pass import NOT_FINITE_Z, head_update, single_pass, weigh
 from .features_single_pass import applies as single_pass_applies
-from .features_single_pass import head_update, single_pass, weigh
 from .finiteness import all_finite
 from .jacobian import JacobianEngine
 from .losses import NonFiniteError, TaskLosses
 from .reachability import GraphMasks, single_task
+from .solvers.host_linalg import reads_back
 from .task_cut import find_cut
 from .weighting.base import combine, snapshot
 
@@ -85,31 +86,42 @@ def representation_backward(
     # gradients, and each group's (loss-weighted) Gramian is a rescaling of it.
     z_gramian = gramian([z_jacobian])
     above_grads = [block for block in blocks[1:] if block is not None]
-    if not all_finite(above_grads, also=z_gramian.diagonal()):
-        raise NonFiniteError(
-            "losses: the per-task gradients of the representation are not finite; "
-            "nothing was changed"
-        )
+    # The CPU reads values back for free, so it checks before any weighting runs; a GPU
+    # would wait twice, so there one check after the backward covers everything (a weighting
+    # fed non-finite values has its state restored below).
+    check_first = reads_back(z_gramian)
+    if check_first and not all_finite(above_grads, also=z_gramian.diagonal()):
+        raise NonFiniteError(NOT_FINITE_Z)
     results: dict[int, GroupResult] = {}
     directions: list[tuple[GroupPlan, Tensor]] = []
-    # Gramian and loss weightings keep small state: a copy restores it if a gradient below
-    # the representation turns out not finite.
+    # Gramian and loss weightings keep small state: a copy restores it if a gradient
+    # turns out not finite.
     saved = [(plan.weighting, snapshot(plan.weighting.state_dict())) for plan in plans]
-    for plan in plans:
-        weights, product, applied = weigh(plan, z_gramian, task_losses.values)
-        results[plan.index] = GroupResult(
-            updates=_above_updates(plan, masks, above_blocks, applied),
-            weights=weights,
-            gramian=product,
-        )
-        directions.append((plan, combine(applied, z_jacobian)))
     try:
-        _add_below_updates(directions, features, masks, results, retain_graph)
-    except Exception:
+        for plan in plans:
+            weights, product, applied = weigh(plan, z_gramian, task_losses.values)
+            results[plan.index] = GroupResult(
+                updates=_above_updates(plan, masks, above_blocks, applied),
+                weights=weights,
+                gramian=product,
+            )
+            directions.append((plan, combine(applied, z_jacobian)))
+        below = _add_below_updates(directions, features, masks, results, retain_graph)
+        rows = [] if check_first else above_grads
+        if not all_finite([*rows, *below], also=None if check_first else z_gramian.diagonal()):
+            raise NonFiniteError(NOT_FINITE_BELOW)
+    except Exception as error:
         for weighting, state in saved:
             weighting.load_state_dict(state)
+        if not check_first and not all_finite(above_grads, also=z_gramian.diagonal()):
+            raise NonFiniteError(NOT_FINITE_Z) from error
         raise
     return results
+
+
+NOT_FINITE_BELOW = (
+    "losses: the gradients below the representation are not finite; nothing was changed"
+)
 
 
 def _above_updates(
@@ -139,8 +151,10 @@ def _add_below_updates(
     above: dict[int, int],
     results: dict[int, GroupResult],
     retain_graph: bool,
-) -> None:
-    """Send each group's ``d_z`` through the encoder to the group's parameters below it."""
+) -> list[Tensor]:
+    """Send each group's ``d_z`` through the encoder to the group's parameters below it;
+    return the gradients written (the caller checks that they are finite)."""
+    below: list[Tensor] = []
     with torch.enable_grad():
         for k, (plan, d_z) in enumerate(directions):
             keep = retain_graph or k < len(directions) - 1
@@ -156,9 +170,6 @@ def _add_below_updates(
                     "representation and around it; pass as features a tensor that every "
                     "path from the encoder to the losses goes through"
                 )
-            if not all_finite([g for _, g in reached]):
-                raise NonFiniteError(
-                    "losses: the gradients below the representation are not finite; "
-                    "nothing was changed"
-                )
             results[plan.index].updates.extend(reached)
+            below.extend(g for _, g in reached)
+    return below

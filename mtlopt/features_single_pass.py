@@ -26,6 +26,7 @@ from .finiteness import all_finite, few_finite
 from .jacobian import guarded
 from .losses import NonFiniteError, TaskLosses
 from .reachability import leaves_below, single_task
+from .solvers.host_linalg import reads_back
 from .task_cut import TaskCut, cut_is_the_input, hold_crossings, stack_rows
 from .weighting.base import combine, snapshot
 
@@ -86,10 +87,14 @@ def single_pass(
     # cannot turn "no gradient" into one); the pre-hook replaces it by d_z.
     passing = (cut.feeders[0][0], cut.feeders[0][2][0][0])
 
+    z_diagonal: list[Tensor] = []  # set once z's rows are in
+
     def weigh_all() -> Tensor | None:
         rows = stack_rows(parts[0])
         z_gramian = gramian([rows])
-        if not few_finite(z_gramian.diagonal()):
+        z_diagonal.append(z_gramian.diagonal())
+        # Free on the CPU; a GPU would wait, so there the check after the backward covers it.
+        if reads_back(z_gramian) and not few_finite(z_diagonal[0]):
             raise NonFiniteError(NOT_FINITE_Z)
         for plan in plans:
             weighed[plan.index] = weigh(plan, z_gramian, task_losses.values)
@@ -112,14 +117,17 @@ def single_pass(
             )  # fmt: skip
         if not weighed:  # nothing below z was differentiated: z's node did not run
             weigh_all()
-        if not all_finite([g for g in grads if g is not None]):
+        deferred = z_diagonal[0] if not reads_back(z_diagonal[0]) else None
+        if not all_finite([g for g in grads if g is not None], also=deferred):
             raise NonFiniteError(
                 "losses: the gradients below the representation or of the heads are not finite; "
                 "nothing was changed"
             )
-    except Exception:
+    except Exception as error:
         for weighting, state in saved:
             weighting.load_state_dict(state)
+        if z_diagonal and not reads_back(z_diagonal[0]) and not few_finite(z_diagonal[0]):
+            raise NonFiniteError(NOT_FINITE_Z) from error  # a weighting may fail on nan first
         raise
     finally:
         for handle in handles:

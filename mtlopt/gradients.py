@@ -20,6 +20,7 @@ from .aggregation import (
 )
 from .finiteness import all_finite
 from .jacobian import JacobianEngine
+from .loss_only import distinct_rows
 from .losses import TaskLosses
 from .reachability import GraphMasks
 from .weighting.base import Weighting
@@ -92,15 +93,7 @@ def per_task_gradients(
             plan.masks = plan_masks
     else:
         # Loss-only: one backward per distinct vector of loss weights (usually one).
-        distinct: list[Tensor] = []
-        for plan in plans:
-            assert plan.loss_weights is not None, f"{plan.weighting!r} returned no loss weights"
-            plan.row = next(
-                (k for k, c in enumerate(distinct) if torch.equal(c, plan.loss_weights)), None
-            )
-            if plan.row is None:
-                distinct.append(plan.loss_weights)
-                plan.row = len(distinct) - 1
+        distinct = distinct_rows(plans)
         rows = torch.stack(distinct).to(device=output.device, dtype=output.dtype)
         flat = engine.rows_vjp(output, inputs, rows, retain_graph)
         row_of = [plan.row for plan in plans for _ in plan.params]

@@ -10,6 +10,8 @@ the gradients back to None.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -23,13 +25,33 @@ def applies(plans: list[GroupPlan]) -> bool:
     """Whether :func:`backward_into_grad` can serve this step."""
     if not plans or any(plan.weighting.needs != "losses" for plan in plans):
         return False
-    first = plans[0].loss_weights
-    if first is None or any(
-        plan.loss_weights is not first and not torch.equal(plan.loss_weights, first)
-        for plan in plans[1:]
-    ):
+    if len(distinct_rows(plans)) != 1:
         return False
     return all(p.grad is None for plan in plans for p in plan.params)
+
+
+def distinct_rows(plans: list[GroupPlan]) -> list[Tensor]:
+    """The distinct vectors of loss weights of loss-only ``plans`` (one backward row each),
+    with each plan's ``row`` set to its vector's index; computed once per step.
+
+    The weights are compared on the host after one read of them all (``torch.equal`` per
+    pair would make a GPU wait once per pair).
+    """
+    if plans[0].rows is not None:
+        return plans[0].rows
+    weights = [plan.loss_weights for plan in plans]
+    assert all(w is not None for w in weights), "a loss-only weighting returned no loss weights"
+    if all(w is weights[0] for w in weights):
+        keys: list[Any] = [0] * len(weights)
+    else:
+        keys = [tuple(row) for row in torch.stack(weights).tolist()]
+    first: dict[Any, int] = {}
+    for plan, key in zip(plans, keys):
+        plan.row = first.setdefault(key, len(first))
+    rows = [weights[keys.index(key)] for key in first]
+    for plan in plans:
+        plan.rows = rows
+    return rows
 
 
 def backward_into_grad(

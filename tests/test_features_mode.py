@@ -8,6 +8,7 @@ import torch
 from mtlopt import MultiTaskOptimizer
 from mtlopt import features as features_module
 from mtlopt.features_single_pass import single_pass as one_pass
+from mtlopt.solvers import host_linalg
 from mtlopt.weighting import IMTL, IMTLG, ExcessMTL, GradVac, Mean, UPGrad
 
 from .conftest import Net, assert_same, make_batch, snapshot
@@ -30,7 +31,10 @@ def test_encoder_gets_the_weighted_representation_gradient_backpropagated() -> N
     d_z = sum(w * r for w, r in zip(expected_weights.float(), rows))
     enc = list(net.encoder.parameters())
     expected_enc = torch.autograd.grad(z, enc, d_z, retain_graph=True)
-    expected_heads = [torch.autograd.grad(loss, list(h.parameters()), retain_graph=True) for loss, h in zip(losses, net.heads)]
+    expected_heads = [
+        torch.autograd.grad(loss, list(h.parameters()), retain_graph=True)
+        for loss, h in zip(losses, net.heads)
+    ]
     opt.step(losses, features=z)
     torch.testing.assert_close(opt.last_step[0].weights, expected_weights)
     for p, g in zip(enc, expected_enc):
@@ -130,7 +134,9 @@ class PostNet(torch.nn.Module):
             h = h + x @ self.side  # a parameter above z in the graph's sense: not below it
         elif self.skip == "encoder":
             h = h + self.encoder[0](x)  # an encoder parameter reached around z too
-        return z, [((head(h).squeeze(-1) - y[:, t]) ** 2).mean() for t, head in enumerate(self.heads)]
+        return z, [
+            ((head(h).squeeze(-1) - y[:, t]) ** 2).mean() for t, head in enumerate(self.heads)
+        ]
 
 
 @pytest.mark.parametrize("chunk_size", [None, 2])
@@ -154,7 +160,9 @@ def test_shared_layers_above_the_representation_get_their_combined_rows(
     opt.step(losses, features=z)
     torch.testing.assert_close(opt.last_step[0].weights, weights)
     for k, p in enumerate(above):
-        torch.testing.assert_close(p.grad, combined(grads, weights, k).float(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            p.grad, combined(grads, weights, k).float(), rtol=1e-5, atol=1e-7
+        )
     for p, g in zip(encoder, below):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
     for head, expected in zip(net.heads, heads):
@@ -194,7 +202,9 @@ def test_each_group_sends_its_own_direction_through_the_encoder() -> None:
         weights = reference.weights_from_gramian(gram, values)
         params = list(opt.param_groups[index]["params"])
         d_z = combined(z_rows, weights, 0).float()
-        expected.append((index, weights, params, torch.autograd.grad(z, params, d_z, retain_graph=True)))
+        expected.append(
+            (index, weights, params, torch.autograd.grad(z, params, d_z, retain_graph=True))
+        )
     # The heads' group: IMTL's loss scales (its IMTL-L part) multiply each head's gradient.
     scales = groups[2]["weighting"].loss_weights(values)
     heads = [per_task_grads([loss], list(h.parameters()))[0] for loss, h in zip(losses, net.heads)]
@@ -212,6 +222,19 @@ def stateful_gradvac(seed: int) -> tuple[Net, MultiTaskOptimizer]:
     return net, opt
 
 
+@pytest.fixture(params=["cpu-reads", "device-code"])
+def host_reads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU's early checks, or the device code's single check after the backward."""
+    monkeypatch.setattr(host_linalg, "HOST_READS", request.param == "cpu-reads")
+
+
+@pytest.fixture(params=["one-pass", "two-passes"])
+def passes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if request.param == "two-passes":
+        monkeypatch.setattr(features_module, "single_pass_applies", lambda *a: False)
+
+
+@pytest.mark.usefixtures("host_reads", "passes")
 def test_a_non_finite_gradient_below_the_representation_changes_nothing() -> None:
     net, opt = stateful_gradvac(3)
     before = snapshot(net, opt)
@@ -262,6 +285,7 @@ def test_a_head_weight_tied_below_the_representation_is_refused() -> None:
     assert_refused(opt, net, losses, z)
 
 
+@pytest.mark.usefixtures("host_reads", "passes")
 def test_non_finite_representation_gradients_change_nothing() -> None:
     net, opt = stateful_gradvac(6)
     before = snapshot(net, opt)

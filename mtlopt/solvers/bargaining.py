@@ -45,6 +45,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..nosync import at, upload
 from . import host_linalg
 from .bargaining_host import bargaining_on_host
 
@@ -148,8 +149,8 @@ def _newton_step(weights: Tensor, gramian: Tensor, power: float) -> tuple[Tensor
     change = change - _barrier_change(weights.expand_as(ratios), ratios, power)
     change = torch.where(feasible & torch.isfinite(change), change, torch.inf)
     best = change.argmin()
-    candidate = weights + moves[best]
-    accept = (change[best] < 0) & torch.isfinite(candidate).all() & (candidate > 0).all()
+    candidate = weights + at(moves, best)
+    accept = (at(change, best) < 0) & torch.isfinite(candidate).all() & (candidate > 0).all()
     decrement = (barrier_slope - g_w) @ steps[0]
     return torch.where(accept, candidate, weights), decrement
 
@@ -203,11 +204,11 @@ def _ridged(system: Tensor, active: Tensor) -> Tensor:
             if int(torch.linalg.cholesky_ex(candidate).info) == 0:
                 break
         return candidate
-    ridges = torch.tensor(RIDGES, dtype=system.dtype, device=system.device)
+    ridges = upload(torch.tensor(RIDGES, dtype=system.dtype), system.device)
     candidates = system + torch.diag_embed(ridges[:, None] * diagonal)
     _, failures = torch.linalg.cholesky_ex(candidates)
     first_ok = torch.cat([failures != 0, failures.new_zeros(1, dtype=torch.bool)]).long().argmin()
-    return candidates[first_ok.clamp(max=len(RIDGES) - 1)]
+    return at(candidates, first_ok.clamp(max=len(RIDGES) - 1))
 
 
 def bargaining_weights(

@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..nosync import at
 from .host_linalg import reads_back
 
 #: Path stages: ``tau = TAU_GROWTH^k``, ``k = 0 .. STAGES - 1``, times ``m + 2``.
@@ -89,9 +90,9 @@ def _newton_step(
     )
     change = torch.where(feasible & torch.isfinite(change), change, torch.inf)
     best = change.argmin()
-    candidate = weights * (1.0 + ratios[best])
+    candidate = weights * (1.0 + at(ratios, best))
     candidate = candidate / candidate.sum()
-    accept = (change[best] < 0) & torch.isfinite(candidate).all() & (candidate > 0).all()
+    accept = (at(change, best) < 0) & torch.isfinite(candidate).all() & (candidate > 0).all()
     return torch.where(accept, candidate, weights)
 
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..nosync import at
+
 #: Interior-point iterations.
 ITERATIONS = 25
 #: Step sizes tried per line search: 1, 1/2, 1/4, ... of the largest step keeping ``w > 0``.
@@ -146,7 +148,7 @@ def solve_dual(cone: Cone) -> Tensor:
         barrier = value - target * weights.log().sum()
         tried = cone.values(candidates) - target * candidates.log().sum(-1)
         accepted = (tried <= barrier + 1e-4 * sizes * slope) & torch.isfinite(tried)
-        best = candidates[torch.where(accepted, trials, 0.0).argmax()]  # largest accepted
+        best = at(candidates, torch.where(accepted, trials, 0.0).argmax())  # largest accepted
         moved = accepted.any() & (slope < 0)
         new_weights = torch.where(moved, best / best.sum(), weights)
         slack_step = target / weights - slacks - slacks / weights * step

@@ -126,7 +126,7 @@ class FAMO(Weighting):
     def loss_weights(self, losses: Tensor) -> Tensor:
         self.check_n_tasks(losses.numel())
         bounds = self._bounds(losses)
-        check_losses_above(losses, bounds, "FAMO", False, "losses >= min_losses")
+        check_losses_above(losses, self.min_losses, "FAMO", False, "losses >= min_losses")
         z = self.task_weights(losses)
         distance = losses - bounds + _EPS
         ratio = z / distance

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..nosync import upload
+from ..solvers import host_linalg
 from ._rng import generator_state, new_generator, random_orders, set_generator_state
 from .base import Weighting, check_positive, check_unit_interval, copy_tensor_state
 from .gradvac_host import HOST_MAX_TASKS, gradvac_sweeps
@@ -68,8 +70,8 @@ class GradVac(Weighting):
             self.phi_hat = torch.zeros(m, m, dtype=torch.float64, device=gramian.device)
         elif self.phi_hat.device != gramian.device:
             self.phi_hat = self.phi_hat.to(gramian.device)
-        orders = random_orders(self._generator, m).to(gramian.device)
-        if gramian.device.type == "cpu" and m <= HOST_MAX_TASKS:
+        orders = upload(random_orders(self._generator, m), gramian.device)
+        if host_linalg.reads_back(gramian) and m <= HOST_MAX_TASKS:
             weights, updated = gradvac_sweeps(
                 gramian.tolist(), orders.tolist(), self.phi_hat.tolist(), self.beta, self.eps
             )

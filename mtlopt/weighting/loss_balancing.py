@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..losses import host_values
+from ..nosync import upload
 from ._rng import generator_state, new_generator, set_generator_state
 from .base import Weighting, check_positive, check_positive_int, copy_tensor_state
 
@@ -27,18 +29,23 @@ def check_non_negative_int(name: str, value: int) -> int:
 
 
 def check_losses_above(
-    losses: Tensor, bound: Tensor | float, who: str, strict: bool, requirement: str
+    losses: Tensor, bound: float | Sequence[float], who: str, strict: bool, requirement: str
 ) -> None:
     """Raise ValueError naming the tasks whose loss is not above ``bound`` (``> bound`` if
     ``strict``, else ``>=``): the methods that take the logarithm of the losses need it.
-    ``requirement`` says what was expected (e.g. "positive losses"). One host sync on ``m``
-    values (the optimizer already syncs on them to check that they are finite)."""
-    bad = losses <= bound if strict else losses < bound
-    if bool(bad.any()):
-        tasks = [i for i, flag in enumerate(bad.tolist()) if flag]
+    ``requirement`` says what was expected (e.g. "positive losses"). Tested on the host,
+    on the optimizer's own read of the loss values (no second wait on a GPU)."""
+    numbers = host_values(losses)
+    bounds = [float(bound)] * len(numbers) if isinstance(bound, (int, float)) else list(bound)
+    tasks = [
+        i
+        for i, (value, floor) in enumerate(zip(numbers, bounds))
+        if (value <= floor if strict else value < floor)
+    ]
+    if tasks:
         raise ValueError(
             f"losses: {who} needs {requirement} (it takes their logarithm), got "
-            f"{losses[tasks].tolist()} for task(s) {tasks}; nothing was changed"
+            f"{[numbers[i] for i in tasks]} for task(s) {tasks}; nothing was changed"
         )
 
 
@@ -150,7 +157,7 @@ class Random(Weighting):
         self.check_n_tasks(m)
         peek = torch.Generator()
         peek.set_state(self._generator.get_state())
-        return self._draw(m, peek).to(losses.device)
+        return upload(self._draw(m, peek), losses.device)
 
     def observe(self, losses: Tensor, after_step: bool) -> None:
         if after_step:

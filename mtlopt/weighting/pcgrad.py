@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..nosync import upload
 from ._rng import generator_state, new_generator, random_orders, set_generator_state
 from .base import Weighting
 
@@ -59,7 +60,7 @@ class PCGrad(Weighting):
     def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
         m = gramian.shape[0]
         gramian = gramian.to(torch.float64)
-        orders = random_orders(self._generator, m).to(gramian.device)
+        orders = upload(random_orders(self._generator, m), gramian.device)
         rows = torch.arange(m, device=gramian.device)
         coefficients = torch.eye(m, dtype=torch.float64, device=gramian.device)
         squared_norms = gramian.diagonal()
