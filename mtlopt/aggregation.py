@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .host_solve import weights_on
 from .reachability import single_task
 from .row_products import row_products
 from .weighting.base import Weighting, combine
@@ -30,11 +31,13 @@ class GroupPlan:
     head_updates: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     #: After :meth:`compute_gramian`: ``J J^T`` of the (loss-weighted) shared tensors.
     gramian: Tensor | None = None
+    #: Its CPU copy, where the weighting runs on the host (see :mod:`mtlopt.host_solve`).
+    gramian_host: Tensor | None = None
 
     def compute_gramian(self) -> None:
         """The Gramian of a weighting that reads one, ahead of any weighting (the optimizer
         checks its diagonal for non-finite rows instead of reading the blocks again)."""
-        self.gramian = None
+        self.gramian = self.gramian_host = None
         if self.shared and self.weighting.needs == "gramian" and self.weighting.n_batches == 1:
             product = gramian([block for _, block in self.shared])
             self.gramian = scale_gramian(product, self.loss_weights)
@@ -131,7 +134,7 @@ def aggregate_per_task(plan: GroupPlan, losses: Tensor) -> GroupResult:
             if plan.gramian is None:
                 plan.compute_gramian()
             product = plan.gramian
-            weights = plan.weighting.weights_from_gramian(product, losses)
+            weights = weights_on(plan.weighting, product, plan.gramian_host, losses)
             # sum_i w_i (c_i g_i) = sum_i (w_i c_i) g_i: the loss weights need no scaled copy.
             applied = weights if plan.loss_weights is None else weights * plan.loss_weights
             combined = [combine(applied, block) for _, block in plan.shared]

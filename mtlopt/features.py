@@ -98,8 +98,9 @@ def representation_backward(
     # turns out not finite.
     saved = [(plan.weighting, snapshot(plan.weighting.state_dict())) for plan in plans]
     try:
+        copies: dict[int, Tensor] = {}
         for plan in plans:
-            weights, product, applied = weigh(plan, z_gramian, task_losses.values)
+            weights, product, applied = weigh(plan, z_gramian, task_losses.values, copies)
             results[plan.index] = GroupResult(
                 updates=_above_updates(plan, masks, above_blocks, applied),
                 weights=weights,

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .aggregation import GroupPlan, GroupResult, gramian, scale_gramian
 from .finiteness import all_finite, few_finite
+from .host_solve import host_copy, weights_on, wants_host_copy
 from .jacobian import guarded
 from .losses import NonFiniteError, TaskLosses
 from .reachability import leaves_below, single_task
@@ -49,16 +50,24 @@ def applies(cut: TaskCut | None, features: Tensor, plans: list[GroupPlan], above
 
 
 def weigh(
-    plan: GroupPlan, z_gramian: Tensor, losses: Tensor
+    plan: GroupPlan, z_gramian: Tensor, losses: Tensor, copies: dict[int, Tensor]
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """A group's task weights, the Gramian it read, and the weights to apply to the rows
-    of unweighted per-task gradients (times the loss weights, if any)."""
+    of unweighted per-task gradients (times the loss weights, if any). ``copies`` keeps the
+    step's CPU copies of Gramians by identity, so groups reading the same one share a read."""
     scale = plan.loss_weights
     if plan.weighting.needs == "losses":
         assert scale is not None, f"{plan.weighting!r} returned no loss weights"
         return scale, None, scale
     product = scale_gramian(z_gramian, scale)
-    weights = plan.weighting.weights_from_gramian(product, losses)
+    on_host = None
+    if wants_host_copy(plan.weighting, product):
+        on_host = copies.get(id(product))
+        if on_host is None:
+            on_host = copies[id(product)] = host_copy(product)
+        if not few_finite(on_host.diagonal()):  # free now; the CPU solvers need finite input
+            raise NonFiniteError(NOT_FINITE_Z)
+    weights = weights_on(plan.weighting, product, on_host, losses)
     return weights, product, weights if scale is None else weights * scale
 
 
@@ -96,8 +105,9 @@ def single_pass(
         # Free on the CPU; a GPU would wait, so there the check after the backward covers it.
         if reads_back(z_gramian) and not few_finite(z_diagonal[0]):
             raise NonFiniteError(NOT_FINITE_Z)
+        copies: dict[int, Tensor] = {}
         for plan in plans:
-            weighed[plan.index] = weigh(plan, z_gramian, task_losses.values)
+            weighed[plan.index] = weigh(plan, z_gramian, task_losses.values, copies)
         return None if below_plan is None else combine(weighed[below_plan.index][2], rows)
 
     def swap_in_direction(grad_outputs: tuple[Tensor | None, ...]) -> tuple:

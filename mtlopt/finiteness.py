@@ -31,6 +31,26 @@ def all_finite(tensors: list[Tensor], also: Tensor | None = None) -> bool:
         return all(bool(torch.isfinite(t).all()) for t in dense)
 
 
+def all_finite_reading(tensors: list[Tensor], read: list[Tensor]) -> tuple[bool, list[Tensor]]:
+    """:func:`all_finite` of ``tensors``, and CPU copies of the small tensors ``read``
+    (Gramians), in one synchronisation: the flag and the values come back in one copy."""
+    if not read:
+        return all_finite(tensors), []
+    device = read[0].device
+    dense = list(tensors)
+    if any(t.layout != _STRIDED or t.device != device for t in [*dense, *read]):
+        return all_finite(dense), [t.to("cpu", copy=True) for t in read]  # rare: mixed
+    flag = torch.zeros(1, dtype=torch.float64, device=device)
+    if dense:
+        flag = _non_finite_flag(dense, device).double()
+    payload = torch.cat([flag, *(t.reshape(-1).double() for t in read)]).cpu()
+    copies, offset = [], 1
+    for t in read:
+        copies.append(payload[offset : offset + t.numel()].reshape(t.shape).to(t.dtype))
+        offset += t.numel()
+    return bool(payload[0] == 0), copies
+
+
 def few_finite(tensor: Tensor) -> bool:
     """Whether a small tensor (a Gramian's diagonal, say) holds only finite values: one copy
     to the host and a Python test, the same single synchronisation as :func:`all_finite`
@@ -51,10 +71,16 @@ def _all_finite_mixed(tensors: list[Tensor]) -> bool:
 
 
 def _found_non_finite(tensors: list[Tensor], device: torch.device) -> bool:
+    return bool(_non_finite_flag(tensors, device))
+
+
+def _non_finite_flag(tensors: list[Tensor], device: torch.device) -> Tensor:
+    """A one-element tensor on ``device``: nonzero if some entry of ``tensors`` is not finite
+    (this thread's reused buffer: read it before the next check)."""
     flag = _flag_on(device)
     flag.zero_()
     torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, _one_on(device))
-    return bool(flag)
+    return flag
 
 
 _STRIDED = torch.strided

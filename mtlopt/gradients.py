@@ -18,7 +18,8 @@ from .aggregation import (
     aggregate_loss_only,
     aggregate_per_task,
 )
-from .finiteness import all_finite
+from .finiteness import all_finite_reading
+from .host_solve import wants_host_copy
 from .jacobian import JacobianEngine
 from .loss_only import distinct_rows
 from .losses import TaskLosses
@@ -146,7 +147,11 @@ def nonfinite_tasks(plans: list[GroupPlan], jacobian: Jacobian, extra: list[Jaco
             covered.update(id(block) for _, block in plan.shared)
     every = blocks_of([jacobian, *extra])
     rest = [block for block in every if id(block) not in covered]
-    if all_finite([*rest, *gramians]):
+    hosted = [plan for plan in plans if wants_host_copy(plan.weighting, plan.gramian)]
+    finite, copies = all_finite_reading([*rest, *gramians], [p.gramian for p in hosted])
+    for plan, copy in zip(hosted, copies):
+        plan.gramian_host = copy
+    if finite:
         return []
     flat = [block.reshape(block.shape[0], -1) for block in every]
     finite = torch.stack([torch.isfinite(block).all(1) for block in flat]).all(0)

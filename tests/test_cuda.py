@@ -1,12 +1,13 @@
 """On a CUDA device: the same updates as the CPU, and no host synchronisation but the
-finiteness decision.
+step's decisions.
 
 CI has no GPU, so these tests skip there; they run wherever torch sees a CUDA device (the
-numbers of the last such run are quoted in the README). On CUDA the weightings run their
-synchronisation-free tensor code (fixed iteration counts, no read-back), while the CPU runs
-the host shortcuts that stop when done, so agreement in float64 checks the device code
-against an independent path. ``tests/test_host_paths.py`` compares the same two code paths
-on the CPU in every CI run.
+figures of the last such run are in the README). On CUDA the Gramian weightings run on a
+CPU copy of the Gramian by default (``mtlopt.host_solve``) or, with that switched off, on
+their synchronisation-free tensor code (fixed iteration counts, no read-back); the CPU run
+they are compared with takes the host shortcuts that stop when done, so agreement in
+float64 checks the device code against an independent path. ``tests/test_host_paths.py``
+and ``tests/test_device_syncs.py`` check the same code on the CPU in every CI run.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import warnings
 import pytest
 import torch
 
-from mtlopt import MultiTaskOptimizer
+from mtlopt import MultiTaskOptimizer, host_solve
 
 from .conftest import Net, make_batch
 from .method_kit import FACTORIES
@@ -27,17 +28,16 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 #: the CPU's), or that need several batches per step: checked to run, not compared.
 NOT_COMPARED = {"GradDrop", "MoDo", "SDMGrad"}
 COMPARED = sorted(set(FACTORIES) - NOT_COMPARED)
-#: Methods whose eigendecomposition adds torch's host check of its error codes (one wait
-#: per param group; see tests/test_device_syncs.py).
-EIGH_METHODS = {"IMTL", "IMTLG", "ConFIG", "AlignedMTL"}
 
 
-def sync_limit(name: str) -> int:
+def sync_limit(name: str, features: bool) -> int:
     """Waits allowed in one step of :func:`step_model` (two param groups): whether the
-    losses are finite, whether the gradients are; a loss-only weighting's comparison of the
-    groups' loss weights; the eigendecompositions' checks."""
-    loss_only = FACTORIES[name]().needs == "losses"
-    return 2 + loss_only + 2 * (name in EIGH_METHODS)
+    losses are finite and whether the gradients are (the Gramians come back in that read);
+    a loss-only weighting's comparison of the groups' loss weights; in representation mode,
+    the read of z's Gramian for a weighting that runs on the host."""
+    weighting = FACTORIES[name]()
+    loss_only = weighting.needs == "losses"
+    return 2 + loss_only + (features and weighting.solves_on_host)
 
 
 def train(name: str, device: str, dtype: torch.dtype, features: bool, steps: int = 3):
@@ -72,6 +72,13 @@ def start_parameters() -> list[torch.Tensor]:
     return [p.detach().to(torch.float64) for p in Net().parameters()]
 
 
+@pytest.fixture(params=["host-solve", "device-solve"])
+def solve_on(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gramian weightings on a CPU copy (the default), or on the GPU itself."""
+    monkeypatch.setattr(host_solve, "ENABLED", request.param == "host-solve")
+
+
+@pytest.mark.usefixtures("solve_on")
 @pytest.mark.parametrize("name", COMPARED)
 def test_float64_update_matches_the_cpu(name: str) -> None:
     on_cuda = train(name, "cuda", torch.float64, features=False)
@@ -79,6 +86,7 @@ def test_float64_update_matches_the_cpu(name: str) -> None:
     assert_close_displacement(on_cuda, on_cpu, start_parameters(), rtol=1e-6)
 
 
+@pytest.mark.usefixtures("solve_on")
 @pytest.mark.parametrize("name", [n for n in COMPARED if representation_ok(n)])
 def test_float64_representation_mode_matches_the_cpu(name: str) -> None:
     on_cuda = train(name, "cuda", torch.float64, features=True)
@@ -139,7 +147,8 @@ def test_a_step_synchronises_only_to_decide_on_finiteness(name: str) -> None:
     if representation_ok(name):
         counts.append(syncs_in_one_step(name, features=True))
     print(f"syncs per step {name}: {counts}")
-    assert max(counts) <= sync_limit(name), counts
+    assert counts[0] <= sync_limit(name, False), counts
+    assert counts[-1] <= sync_limit(name, len(counts) > 1), counts
 
 
 def test_chunked_and_sequential_jacobians_match_the_batched_one() -> None:

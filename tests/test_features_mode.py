@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtlopt import MultiTaskOptimizer
+from mtlopt import MultiTaskOptimizer, host_solve
 from mtlopt import features as features_module
 from mtlopt.features_single_pass import single_pass as one_pass
 from mtlopt.solvers import host_linalg
@@ -222,10 +222,13 @@ def stateful_gradvac(seed: int) -> tuple[Net, MultiTaskOptimizer]:
     return net, opt
 
 
-@pytest.fixture(params=["cpu-reads", "device-code"])
+@pytest.fixture(params=["cpu-reads", "device-code", "host-solve"])
 def host_reads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CPU's early checks, or the device code's single check after the backward."""
+    """The CPU's early checks; the device code's single check after the backward; or, as on
+    a GPU, the weighting on a CPU copy of the Gramian."""
     monkeypatch.setattr(host_linalg, "HOST_READS", request.param == "cpu-reads")
+    if request.param == "host-solve":
+        monkeypatch.setattr(host_solve, "off_host", lambda tensor: True)
 
 
 @pytest.fixture(params=["one-pass", "two-passes"])

@@ -80,6 +80,7 @@ class AlignedMTL(Weighting):
     """
 
     needs = "gramian"
+    solves_on_host = True
 
     def __init__(self, scale_mode: str = "min") -> None:
         super().__init__()

@@ -46,6 +46,10 @@ class Weighting:
     aggregates_task_heads: ClassVar[bool] = False
     #: Whether :meth:`observe` wants the closure's losses re-evaluated after the base step.
     wants_losses_after_step: ClassVar[bool] = False
+    #: Gramian weightings whose weights depend on the Gramian, the loss values and their own
+    #: small state only: off the CPU they run on a CPU copy of the Gramian, read together
+    #: with the step's finiteness check (see :mod:`mtlopt.host_solve`).
+    solves_on_host: ClassVar[bool] = False
     #: The weighting writes a finished step direction (AdaTask): the base optimizer should be
     #: plain SGD (no momentum), which only applies the group's lr and weight decay.
     expects_plain_sgd: ClassVar[bool] = False

@@ -105,6 +105,7 @@ class CAGrad(Weighting):
     """
 
     needs = "gramian"
+    solves_on_host = True
 
     def __init__(self, c: float = 0.4, rescale: int = 1) -> None:
         super().__init__()
@@ -168,6 +169,7 @@ class IMGrad(Weighting):
     """
 
     needs = "gramian"
+    solves_on_host = True
 
     def __init__(self, alpha: float = 0.8) -> None:
         super().__init__()

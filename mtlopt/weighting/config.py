@@ -73,6 +73,7 @@ class ConFIG(Weighting):
     """
 
     needs = "gramian"
+    solves_on_host = True
 
     def __init__(
         self, pref_vector: Sequence[float] | None = None, use_least_square: bool = True

@@ -90,6 +90,7 @@ class ConicGrad(Weighting):
     """
 
     needs = "gramian"
+    solves_on_host = True
 
     def __init__(self, c: float = 0.5) -> None:
         super().__init__()

@@ -43,6 +43,7 @@ class FairGrad(Weighting):
     """
 
     needs = "gramian"
+    solves_on_host = True
 
     def __init__(self, alpha: float = 1.0) -> None:
         super().__init__()

@@ -50,6 +50,7 @@ class GradVac(Weighting):
     """
 
     needs = "gramian"
+    solves_on_host = True
     stateful = True
 
     def __init__(self, beta: float = 0.01, eps: float = 1e-8, seed: int | None = None) -> None:

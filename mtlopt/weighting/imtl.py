@@ -55,6 +55,7 @@ class IMTLG(Weighting):
     """
 
     needs = "gramian"
+    solves_on_host = True
 
     def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
         return imtl_g_weights(gramian, gramian_rtol(torch.float32, gramian.shape[0]))
@@ -117,6 +118,7 @@ class IMTL(IMTLL):
     """
 
     needs = "gramian"
+    solves_on_host = True
 
     def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
         # The optimizer hands in the Gramian of the scaled gradients already.

@@ -64,6 +64,7 @@ class MGDA(Weighting):
     """
 
     needs = "gramian"
+    solves_on_host = True
 
     def __init__(self, normalization: str = "none") -> None:
         super().__init__()

@@ -60,6 +60,7 @@ class NashMTL(Weighting):
     """
 
     needs = "gramian"
+    solves_on_host = True
     stateful = True
 
     def __init__(

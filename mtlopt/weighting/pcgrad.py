@@ -48,6 +48,7 @@ class PCGrad(Weighting):
     """
 
     needs = "gramian"
+    solves_on_host = True
 
     def __init__(self, seed: int | None = None) -> None:
         super().__init__()

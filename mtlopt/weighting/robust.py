@@ -72,6 +72,7 @@ class Krum(Weighting):
     """
 
     needs = "gramian"
+    solves_on_host = True
 
     def __init__(self, n_byzantine: int, n_selected: int = 1) -> None:
         super().__init__()

@@ -67,6 +67,7 @@ class _PreferenceProjection(Weighting):
     """What UPGrad and DualProj share: the hyperparameters and the preference weights."""
 
     needs = "gramian"
+    solves_on_host = True
 
     def __init__(
         self,
