@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .aggregation import GroupPlan, GroupResult, gramian
-from .features_single_pass import NOT_FINITE_Z, head_update, single_pass, weigh
+from .features_single_pass import NOT_FINITE_Z, head_update, host_gramians, single_pass, weigh
 from .features_single_pass import applies as single_pass_applies
 from .finiteness import all_finite
 from .jacobian import JacobianEngine
@@ -98,9 +98,9 @@ def representation_backward(
     # turns out not finite.
     saved = [(plan.weighting, snapshot(plan.weighting.state_dict())) for plan in plans]
     try:
-        copies: dict[int, Tensor] = {}
+        on_host = host_gramians(plans, z_gramian)
         for plan in plans:
-            weights, product, applied = weigh(plan, z_gramian, task_losses.values, copies)
+            weights, product, applied = weigh(plan, z_gramian, task_losses.values, on_host)
             results[plan.index] = GroupResult(
                 updates=_above_updates(plan, masks, above_blocks, applied),
                 weights=weights,

@@ -23,9 +23,10 @@ from torch import Tensor
 
 from .aggregation import GroupPlan, GroupResult, gramian, scale_gramian
 from .finiteness import all_finite, few_finite
-from .host_solve import host_copy, weights_on, wants_host_copy
+from .host_solve import wants_host_copy, weights_on
 from .jacobian import guarded
 from .losses import NonFiniteError, TaskLosses
+from .nosync import host_copies
 from .reachability import leaves_below, single_task
 from .solvers.host_linalg import reads_back
 from .task_cut import TaskCut, cut_is_the_input, hold_crossings, stack_rows
@@ -50,25 +51,36 @@ def applies(cut: TaskCut | None, features: Tensor, plans: list[GroupPlan], above
 
 
 def weigh(
-    plan: GroupPlan, z_gramian: Tensor, losses: Tensor, copies: dict[int, Tensor]
+    plan: GroupPlan, z_gramian: Tensor, losses: Tensor, on_host: dict[int, Tensor]
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """A group's task weights, the Gramian it read, and the weights to apply to the rows
-    of unweighted per-task gradients (times the loss weights, if any). ``copies`` keeps the
-    step's CPU copies of Gramians by identity, so groups reading the same one share a read."""
+    of unweighted per-task gradients (times the loss weights, if any). ``on_host``: the
+    CPU copies of :func:`host_gramians`, by group."""
     scale = plan.loss_weights
     if plan.weighting.needs == "losses":
         assert scale is not None, f"{plan.weighting!r} returned no loss weights"
         return scale, None, scale
     product = scale_gramian(z_gramian, scale)
-    on_host = None
-    if wants_host_copy(plan.weighting, product):
-        on_host = copies.get(id(product))
-        if on_host is None:
-            on_host = copies[id(product)] = host_copy(product)
-        if not few_finite(on_host.diagonal()):  # free now; the CPU solvers need finite input
-            raise NonFiniteError(NOT_FINITE_Z)
-    weights = weights_on(plan.weighting, product, on_host, losses)
+    weights = weights_on(plan.weighting, product, on_host.get(plan.index), losses)
     return weights, product, weights if scale is None else weights * scale
+
+
+def host_gramians(plans: list[GroupPlan], z_gramian: Tensor) -> dict[int, Tensor]:
+    """CPU copies of the (loss-weighted) Gramians of the groups whose weighting runs on the
+    host (:mod:`mtlopt.host_solve`), all in one read; NonFiniteError if one is not finite
+    (the CPU solvers need finite input, and the check is free on the copies)."""
+    hosted = [
+        plan
+        for plan in plans
+        if plan.weighting.needs == "gramian" and wants_host_copy(plan.weighting, z_gramian)
+    ]
+    if not hosted:
+        return {}
+    products = [scale_gramian(z_gramian, plan.loss_weights) for plan in hosted]
+    copies = host_copies(products)
+    if not all(few_finite(copy.diagonal()) for copy in copies):
+        raise NonFiniteError(NOT_FINITE_Z)
+    return {plan.index: copy for plan, copy in zip(hosted, copies)}
 
 
 def head_update(grad: Tensor, task: int, scale: Tensor | None) -> Tensor:
@@ -105,9 +117,9 @@ def single_pass(
         # Free on the CPU; a GPU would wait, so there the check after the backward covers it.
         if reads_back(z_gramian) and not few_finite(z_diagonal[0]):
             raise NonFiniteError(NOT_FINITE_Z)
-        copies: dict[int, Tensor] = {}
+        on_host = host_gramians(plans, z_gramian)
         for plan in plans:
-            weighed[plan.index] = weigh(plan, z_gramian, task_losses.values, copies)
+            weighed[plan.index] = weigh(plan, z_gramian, task_losses.values, on_host)
         return None if below_plan is None else combine(weighed[below_plan.index][2], rows)
 
     def swap_in_direction(grad_outputs: tuple[Tensor | None, ...]) -> tuple:

@@ -8,6 +8,8 @@ import threading
 import torch
 from torch import Tensor
 
+from .nosync import host_copies
+
 
 def all_finite(tensors: list[Tensor], also: Tensor | None = None) -> bool:
     """Whether every entry of ``tensors`` (and of ``also``) is finite, in one host sync.
@@ -40,15 +42,9 @@ def all_finite_reading(tensors: list[Tensor], read: list[Tensor]) -> tuple[bool,
     dense = list(tensors)
     if any(t.layout != _STRIDED or t.device != device for t in [*dense, *read]):
         return all_finite(dense), [t.to("cpu", copy=True) for t in read]  # rare: mixed
-    flag = torch.zeros(1, dtype=torch.float64, device=device)
-    if dense:
-        flag = _non_finite_flag(dense, device).double()
-    payload = torch.cat([flag, *(t.reshape(-1).double() for t in read)]).cpu()
-    copies, offset = [], 1
-    for t in read:
-        copies.append(payload[offset : offset + t.numel()].reshape(t.shape).to(t.dtype))
-        offset += t.numel()
-    return bool(payload[0] == 0), copies
+    flag = _non_finite_flag(dense, device) if dense else torch.zeros(1, device=device)
+    flag_copy, *copies = host_copies([flag, *read])
+    return bool(flag_copy == 0), copies
 
 
 def few_finite(tensor: Tensor) -> bool:

@@ -41,11 +41,6 @@ def wants_host_copy(weighting: Weighting, gramian: Tensor | None) -> bool:
     return ENABLED and gramian is not None and weighting.solves_on_host and off_host(gramian)
 
 
-def host_copy(gramian: Tensor) -> Tensor:
-    """A CPU copy of a Gramian (one synchronisation; used where no decision read is due)."""
-    return gramian.to("cpu", copy=True)
-
-
 def weights_on(
     weighting: Weighting, gramian: Tensor, on_host: Tensor | None, losses: Tensor
 ) -> Tensor:

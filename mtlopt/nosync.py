@@ -1,4 +1,4 @@
-"""Two tensor operations that, written the obvious way, make a GPU wait for the host.
+"""Tensor operations that, written the obvious way, make a GPU wait for the host (more often).
 
 ``benchmarks/sync_sites.py`` lists the synchronising calls of a CUDA step;
 ``tests/test_device_syncs.py`` keeps them out in CI (no GPU there).
@@ -27,3 +27,13 @@ def upload(tensor: Tensor, device: torch.device) -> Tensor:
     on. On the CPU it is ``tensor`` itself.
     """
     return tensor.to(device, non_blocking=True)
+
+
+def host_copies(tensors: list[Tensor]) -> list[Tensor]:
+    """CPU copies of small tensors of one device, in one read (one wait, not one each)."""
+    payload = torch.cat([t.reshape(-1).double() for t in tensors]).cpu()
+    copies, offset = [], 0
+    for t in tensors:
+        copies.append(payload[offset : offset + t.numel()].reshape(t.shape).to(t.dtype))
+        offset += t.numel()
+    return copies

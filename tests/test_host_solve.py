@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from mtlopt import MultiTaskOptimizer, host_solve
+from mtlopt import MultiTaskOptimizer, finiteness, host_solve, nosync
 from mtlopt.finiteness import all_finite, all_finite_reading
 
 from .conftest import Net, make_batch
@@ -45,7 +45,7 @@ def test_the_hosted_methods_are_the_gramian_solvers() -> None:
 def test_a_step_on_the_host_copy_is_the_step_on_the_gramian(name, features, monkeypatch) -> None:
     reference = train(name, features)
     copies = []
-    real_copy, real_reading = host_solve.host_copy, all_finite_reading
+    real_copies, real_reading = nosync.host_copies, all_finite_reading
 
     def spy_reading(tensors, read):
         copies.extend(read)
@@ -54,7 +54,7 @@ def test_a_step_on_the_host_copy_is_the_step_on_the_gramian(name, features, monk
     monkeypatch.setattr(host_solve, "off_host", lambda tensor: True)
     monkeypatch.setattr("mtlopt.gradients.all_finite_reading", spy_reading)
     monkeypatch.setattr(
-        "mtlopt.features_single_pass.host_copy", lambda g: copies.append(g) or real_copy(g)
+        "mtlopt.features_single_pass.host_copies", lambda g: copies.extend(g) or real_copies(g)
     )
     hosted = train(name, features)
     assert copies, "the host path was not taken"
@@ -76,3 +76,30 @@ def test_all_finite_reading_returns_the_flag_and_exact_copies(bad) -> None:
         assert copy.data_ptr() != original.data_ptr()  # a copy, not a view
     assert all_finite_reading([], read)[0] is True
     assert all_finite_reading(tensors, []) == (bad is None, [])
+
+
+@pytest.mark.parametrize("features", [False, True])
+@pytest.mark.parametrize("name", HOSTED)
+def test_one_read_brings_every_gramian(name, features, monkeypatch) -> None:
+    """Per step: one read for the finiteness decision with the Gramians, and in
+    representation mode one more for z's Gramians (every group's, IMTL's two scaled ones
+    too) before the final check, whatever the number of groups."""
+    reads: list[str] = []
+    real_copies, real_flag = nosync.host_copies, finiteness._found_non_finite
+    monkeypatch.setattr(host_solve, "off_host", lambda tensor: True)
+    for module in ("mtlopt.finiteness", "mtlopt.features_single_pass"):
+        monkeypatch.setattr(
+            f"{module}.host_copies", lambda t: reads.append("copy") or real_copies(t)
+        )
+    monkeypatch.setattr(
+        finiteness, "_found_non_finite", lambda *a: reads.append("flag") or real_flag(*a)
+    )
+    torch.manual_seed(0)
+    net = Net().double()
+    groups = [{"params": net.encoder.parameters()}, {"params": net.heads.parameters()}]
+    opt = MultiTaskOptimizer(torch.optim.SGD(groups, lr=0.05), FACTORIES[name]())
+    x, y = (t.double() for t in make_batch(0))
+    z = net.encoder(x)
+    losses = [((h(z).squeeze(-1) - y[:, t]) ** 2).mean() for t, h in enumerate(net.heads)]
+    opt.step(losses, features=z) if features else opt.step(losses)
+    assert reads == (["copy", "flag"] if features else ["copy"]), reads
