@@ -12,6 +12,8 @@ and ``tests/test_device_syncs.py`` check the same code on the CPU in every CI ru
 
 from __future__ import annotations
 
+import collections
+import traceback
 import warnings
 
 import pytest
@@ -124,21 +126,32 @@ def step_model(name: str, features: bool, steps: int = 4):
         yield i == steps - 1, opt, losses, z
 
 
-def syncs_in_one_step(name: str, features: bool) -> int:
-    """Synchronising CUDA calls in the last step of :func:`step_model`."""
-    count = 0
+def sync_sites(name: str, features: bool) -> collections.Counter[str]:
+    """The synchronising CUDA calls in the last step of :func:`step_model`, by their
+    innermost three mtlopt source lines (``benchmarks/sync_sites.py`` prints them)."""
+    found: collections.Counter[str] = collections.Counter()
+
+    def record(message: Warning | str, *args: object, **kwargs: object) -> None:
+        if "synchronizing" in str(message):
+            frames = [f for f in traceback.extract_stack() if "/mtlopt/" in f.filename]
+            where = [f"{f.filename.split('/mtlopt/')[-1]}:{f.lineno}" for f in frames[::-1]]
+            found[" < ".join(where[:3])] += 1
+
     for last, opt, losses, z in step_model(name, features):
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings():
             warnings.simplefilter("always")
             if last:
+                warnings.showwarning = record
                 torch.cuda.set_sync_debug_mode("warn")
             try:
                 opt.step(losses, features=z) if features else opt.step(losses)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        if last:
-            count = sum("synchronizing" in str(w.message) for w in caught)
-    return count
+    return found
+
+
+def syncs_in_one_step(name: str, features: bool) -> int:
+    return sum(sync_sites(name, features).values())
 
 
 @pytest.mark.parametrize("name", sorted(set(FACTORIES) - {"MoDo", "SDMGrad"}))

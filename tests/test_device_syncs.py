@@ -4,7 +4,8 @@ On a GPU every value read back to the host stalls the stream, so a step reads ba
 whether the losses are finite (before the backward) and whether the gradients are (after
 it); a loss-only step split over several param groups reads the groups' loss weights once
 more (one backward serves the groups whose weights agree), and the eigendecompositions of
-IMTL, IMTL-G, ConFIG and Aligned-MTL add torch's own check of their error codes. CI has no
+IMTL, IMTL-G, ConFIG and Aligned-MTL add torch's own check of their error codes where they
+run on the device (the optimizer runs them on a CPU copy: ``mtlopt.host_solve``). CI has no
 GPU, so :class:`tests.device_reads.DeviceReads` counts those calls on the CPU, with the
 CPU's shortcuts off (the device code runs); ``tests/test_cuda.py`` counts the real
 synchronisations where a GPU is present.
