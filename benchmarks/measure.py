@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mtlopt import host_solve
+from mtlopt.nosync import host_copies
 from mtlopt.weighting.base import Weighting
 
 from .contenders import Contender
@@ -224,7 +226,13 @@ class WeightingInput:
 def mtlopt_weighting_call(
     weighting: Weighting, data: WeightingInput
 ) -> tuple[Callable[[], Any], str]:
-    """The weighting's own call on a fixed statistic, and what it is."""
+    """The weighting's own call on a fixed statistic, and what it is. Off the CPU a Gramian
+    weighting that the optimizer runs on the host is timed that way: the Gramian's copy to
+    the CPU, the weighting there, its weights' upload (:mod:`mtlopt.host_solve`)."""
+    if weighting.needs == "gramian" and host_solve.wants_host_copy(weighting, data.gramian):
+        return lambda: host_solve.weights_on(
+            weighting, data.gramian, host_copies([data.gramian])[0], data.losses
+        ), "weights_from_gramian(G.cpu()), uploaded"
     if weighting.needs == "gramian":
         return lambda: weighting.weights_from_gramian(
             data.gramian, data.losses

@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.measure import WeightingInput, mtlopt_weighting_call
 from benchmarks.methods import DEFAULT_METHODS
 from benchmarks.step_time import main
+from mtlopt import host_solve
+from mtlopt.weighting import UPGrad
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +152,15 @@ def test_allocator_script_runs_both_settings() -> None:
     for measured in results.values():
         assert set(measured) == set(STEPS)
         assert all(ms > 0 and faults >= 0 for ms, faults in measured.values())
+
+
+def test_weighting_only_time_takes_the_optimizers_path_off_the_cpu(monkeypatch) -> None:
+    """On a GPU the harness times what a step runs: the Gramian's copy, the weighting on
+    the CPU, the upload (patched here so that the CPU's tensors take that path)."""
+    data = WeightingInput.from_mlp(3, torch.device("cpu"))
+    direct, label = mtlopt_weighting_call(UPGrad(), data)
+    assert label == "weights_from_gramian(G)"
+    monkeypatch.setattr(host_solve, "off_host", lambda tensor: True)
+    hosted, label = mtlopt_weighting_call(UPGrad(), data)
+    assert label == "weights_from_gramian(G.cpu()), uploaded"
+    assert torch.equal(hosted(), direct())
