@@ -82,6 +82,11 @@ def representation_backward(
             task_losses.output, graph, [features, *above], True, [z_mask, *masks.values()], False
         )
     z_jacobian, above_blocks = blocks[0], dict(zip(map(id, above), blocks[1:]))
+    task = single_task(z_mask)
+    if task is not None:  # one task reaches z (say m = 1): its gradient came without rows
+        rows = z_jacobian.new_zeros((task_losses.n_tasks, *z_jacobian.shape))
+        rows[task] = z_jacobian
+        z_jacobian = rows
     # The representation's Gramian once: its diagonal is the finiteness check of z's
     # gradients, and each group's (loss-weighted) Gramian is a rescaling of it.
     z_gramian = gramian([z_jacobian])
@@ -114,7 +119,10 @@ def representation_backward(
     except Exception as error:
         for weighting, state in saved:
             weighting.load_state_dict(state)
-        if not check_first and not all_finite(above_grads, also=z_gramian.diagonal()):
+        # A setup error stays what it is; anything else may come from z's rows (a weighting
+        # fed nan), which the device did not check first.
+        usage = isinstance(error, (ValueError, TypeError))
+        if not (check_first or usage) and not all_finite(above_grads, also=z_gramian.diagonal()):
             raise NonFiniteError(NOT_FINITE_Z) from error
         raise
     return results
@@ -153,8 +161,9 @@ def _add_below_updates(
     results: dict[int, GroupResult],
     retain_graph: bool,
 ) -> list[Tensor]:
-    """Send each group's ``d_z`` through the encoder to the group's parameters below it;
-    return the gradients written (the caller checks that they are finite)."""
+    """Send each group's ``d_z`` through the encoder to the group's parameters below it,
+    adding them to the groups' results; return them all (the caller checks that they are
+    finite)."""
     below: list[Tensor] = []
     with torch.enable_grad():
         for k, (plan, d_z) in enumerate(directions):

@@ -148,7 +148,9 @@ def single_pass(
     except Exception as error:
         for weighting, state in saved:
             weighting.load_state_dict(state)
-        if z_diagonal and not reads_back(z_diagonal[0]) and not few_finite(z_diagonal[0]):
+        usage = isinstance(error, (ValueError, TypeError))  # a setup error stays what it is
+        deferred = z_diagonal and not reads_back(z_diagonal[0])
+        if deferred and not usage and not few_finite(z_diagonal[0]):
             raise NonFiniteError(NOT_FINITE_Z) from error  # a weighting may fail on nan first
         raise
     finally:

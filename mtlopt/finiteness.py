@@ -42,7 +42,10 @@ def all_finite_reading(tensors: list[Tensor], read: list[Tensor]) -> tuple[bool,
     dense = list(tensors)
     if any(t.layout != _STRIDED or t.device != device for t in [*dense, *read]):
         return all_finite(dense), [t.to("cpu", copy=True) for t in read]  # rare: mixed
-    flag = _non_finite_flag(dense, device) if dense else torch.zeros(1, device=device)
+    try:
+        flag = _non_finite_flag(dense, device) if dense else torch.zeros(1, device=device)
+    except (RuntimeError, NotImplementedError, AttributeError):  # no fused kernel: as all_finite
+        return all_finite(dense), [t.to("cpu", copy=True) for t in read]
     flag_copy, *copies = host_copies([flag, *read])
     return bool(flag_copy == 0), copies
 

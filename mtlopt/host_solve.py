@@ -5,7 +5,9 @@ iteration counts, every branch a ``torch.where``) launch thousands of tiny kerne
 H200, UPGrad's weighting took 47 ms and CAGrad's 186 ms at m = 10. A copy of the Gramian
 to the host costs one synchronisation, and the step already makes one to decide whether the
 gradients are finite: the Gramians travel with that decision
-(:func:`mtlopt.finiteness.all_finite_reading`), the weightings run their CPU code (exact,
+(:func:`mtlopt.finiteness.all_finite_reading`; in representation mode, where the weights
+are needed in the middle of the backward pass, all groups' Gramians come back in one read of
+their own), the weightings run their CPU code (exact,
 stopping when done, on Python floats for few tasks), and the m weights go back to the
 device without waiting (:func:`mtlopt.nosync.upload`).
 

@@ -30,7 +30,8 @@ def upload(tensor: Tensor, device: torch.device) -> Tensor:
 
 
 def host_copies(tensors: list[Tensor]) -> list[Tensor]:
-    """CPU copies of small tensors of one device, in one read (one wait, not one each)."""
+    """CPU copies of small floating-point tensors of one device (flags, Gramians), in one
+    read: one wait, not one each. (They travel as float64: exact for these.)"""
     payload = torch.cat([t.reshape(-1).double() for t in tensors]).cpu()
     copies, offset = [], 0
     for t in tensors:

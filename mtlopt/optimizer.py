@@ -333,7 +333,8 @@ class MultiTaskOptimizer(Optimizer):
         # Averaged first, so that every rank takes the same decision below.
         average_([t.values for t in (task_losses, *extra)], self._process_group)
         try:
-            for batch in (task_losses, *extra):
+            # The main batch last: its read is the one the weightings reuse (host_values).
+            for batch in (*extra, task_losses):
                 check_finite_values(batch.values)
         except NonFiniteError as error:
             return self._skip_non_finite(error, scaler)

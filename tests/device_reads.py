@@ -1,9 +1,13 @@
 """Counting, on the CPU, the calls that would make a GPU wait for the host.
 
-CI has no GPU, so ``torch.cuda.set_sync_debug_mode`` cannot run there. This mode sees the
-same calls from Python: reading a value back (``item``, ``tolist``, ``bool(t)``, ...),
-indexing by a 0-dim tensor (turned into a Python int), ``torch.equal`` and the
-decompositions whose errors torch checks on the host. Run a step under it with
+CI has no GPU, so ``torch.cuda.set_sync_debug_mode`` cannot run there. This mode sees most
+such calls from Python: reading values back (``item``, ``tolist``, ``bool(t)``, ``.cpu()``,
+...), indexing by a 0-dim tensor (turned into a Python int) or by a boolean mask, the ops
+whose output size depends on the values (``nonzero``, one-argument ``where``,
+``masked_select``, ``unique``, ``repeat_interleave`` without ``output_size``),
+``torch.equal``, and the decompositions whose errors torch checks on the host. It cannot
+see a blocking copy from the CPU to a device (on the CPU there is none), nor calls inside
+autograd hooks (a mode does not reach them). Run a step under it with
 ``host_linalg.HOST_READS = False`` (the device code, with no CPU shortcut).
 """
 
@@ -15,7 +19,9 @@ import traceback
 import torch
 from torch.overrides import TorchFunctionMode
 
-READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero", "numpy"}
+READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"}
+#: Output sizes that depend on the values: the host must learn them.
+DATA_DEPENDENT = {"nonzero", "argwhere", "masked_select", "unique", "unique_consecutive"}
 #: torch checks these decompositions' error codes on the host (their ``_ex`` forms do not).
 CHECKED_DECOMPOSITIONS = {
     f"linalg_{name}"
@@ -24,10 +30,13 @@ CHECKED_DECOMPOSITIONS = {
 INDEXING = {"__getitem__", "__setitem__"}
 
 
-def _zero_dim_index(index: object) -> bool:
+def _waiting_index(index: object) -> bool:
+    """A 0-dim integer index (read as a Python int) or a boolean mask (sized by its values)."""
     parts = index if isinstance(index, tuple) else (index,)
     return any(
-        isinstance(p, torch.Tensor) and p.dim() == 0 and not p.is_floating_point() for p in parts
+        isinstance(p, torch.Tensor)
+        and ((p.dim() == 0 and not p.is_floating_point()) or p.dtype == torch.bool)
+        for p in parts
     )
 
 
@@ -40,15 +49,19 @@ class DeviceReads(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
+        kwargs = kwargs or {}
         waits = (
             name in READS
+            or name in DATA_DEPENDENT
             or name == "equal"
             or name in CHECKED_DECOMPOSITIONS
-            or (name in INDEXING and len(args) > 1 and _zero_dim_index(args[1]))
+            or (name in INDEXING and len(args) > 1 and _waiting_index(args[1]))
+            or (name == "where" and len(args) + len(kwargs) == 1)
+            or (name == "repeat_interleave" and "output_size" not in kwargs)
         )
         if waits:
             self.sites[self._site()] += 1
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
 
     @staticmethod
     def _site() -> str:

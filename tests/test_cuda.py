@@ -6,7 +6,8 @@ figures of the last such run are in the README). On CUDA the Gramian weightings 
 CPU copy of the Gramian by default (``mtlopt.host_solve``) or, with that switched off, on
 their synchronisation-free tensor code (fixed iteration counts, no read-back); the CPU run
 they are compared with takes the host shortcuts that stop when done, so agreement in
-float64 checks the device code against an independent path. ``tests/test_host_paths.py``
+float64 checks the device code against an independent path (and, with the host solve, the
+round trip of the Gramians and the weights). ``tests/test_host_paths.py``
 and ``tests/test_device_syncs.py`` check the same code on the CPU in every CI run.
 """
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtlopt import MultiTaskOptimizer
+from mtlopt import MultiTaskOptimizer, host_solve
 from mtlopt import features as features_module
 from mtlopt.nosync import at
 from mtlopt.solvers import host_linalg
@@ -77,6 +77,32 @@ def test_the_device_code_reads_back_only_to_decide(name, features, monkeypatch) 
     assert sites.get("finiteness.py:_found_non_finite") == 1
 
 
+#: With the weightings on the host, their reads are of the CPU copies; so is the flag's.
+HOST_COPY_READS = (
+    "weighting/",
+    "solvers/",
+    "finiteness.py:all_finite_reading",
+    "finiteness.py:few_finite",
+)
+HOSTED = [(name, features) for name, features in CASES if FACTORIES[name]().solves_on_host]
+
+
+@pytest.mark.parametrize(("name", "features"), HOSTED)
+def test_the_host_solve_path_reads_once_per_decision(name, features, monkeypatch) -> None:
+    """As on a GPU: the Gramians come back with the finiteness flag (representation mode:
+    in one read of all the groups' before the final check), the weightings reuse the
+    optimizer's read of the loss values."""
+    monkeypatch.setattr(host_linalg, "HOST_READS", False)  # the GPU's deferred checks
+    monkeypatch.setattr(host_solve, "off_host", lambda tensor: True)
+    monkeypatch.setattr(features_module, "single_pass_applies", lambda *a: False)
+    sites = reads_in_a_step(name, features)
+    device = {k: v for k, v in sites.items() if not k.startswith(HOST_COPY_READS)}
+    expected = {"losses.py:check_finite_values": 1, "nosync.py:host_copies": 1}
+    if features:
+        expected["finiteness.py:_found_non_finite"] = 1
+    assert device == expected, sites
+
+
 def test_the_counter_sees_what_would_wait() -> None:
     """The counter must be able to fail: it sees a read, a 0-dim index and eigh."""
     values = torch.arange(4.0)
@@ -85,8 +111,12 @@ def test_the_counter_sees_what_would_wait() -> None:
         values[values.argmax()]
         float(values.sum())
         torch.linalg.eigh(torch.eye(2))
+        values[values > 1]
+        torch.where(values > 1)
+        values.cpu()
         at(values, values.argmax())  # stays on the device: not counted
-    assert sum(counter.sites.values()) == 3, counter.sites
+        values.index_select(0, values.argmax().reshape(1))  # nor this
+    assert sum(counter.sites.values()) == 6, counter.sites
 
 
 def test_indexing_without_reading_back_matches_plain_indexing() -> None:

@@ -340,3 +340,19 @@ def test_stepping_twice_on_one_graph_is_refused_and_changes_nothing(
     with pytest.raises(RuntimeError, match=message):
         opt.step(losses, features=z)
     assert_same(snapshot(net, opt), before)
+
+
+@pytest.mark.parametrize("method", ["mgda", "upgrad", "imtlg"])
+def test_a_single_task_steps_like_its_plain_gradient(method: str) -> None:
+    """m = 1: every method's weight is 1, so the step writes the loss's own gradient (the
+    representation's gradient then comes without a task dimension from the engine)."""
+    torch.manual_seed(8)
+    encoder, head = torch.nn.Linear(6, 8), torch.nn.Linear(8, 1)
+    params = [*encoder.parameters(), *head.parameters()]
+    x = torch.randn(16, 6)
+    expected = torch.autograd.grad((head(encoder(x)) ** 2).mean(), params)
+    opt = MultiTaskOptimizer(torch.optim.SGD(params, lr=0.0), weighting=method)
+    z = encoder(x)
+    opt.step([(head(z) ** 2).mean()], features=z)
+    for p, g in zip(params, expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-8)

@@ -103,3 +103,49 @@ def test_one_read_brings_every_gramian(name, features, monkeypatch) -> None:
     losses = [((h(z).squeeze(-1) - y[:, t]) ** 2).mean() for t, h in enumerate(net.heads)]
     opt.step(losses, features=z) if features else opt.step(losses)
     assert reads == (["copy", "flag"] if features else ["copy"]), reads
+
+
+@pytest.mark.parametrize("features", [False, True])
+@pytest.mark.parametrize(("encoder", "heads"), [("UPGrad", "IMTL"), ("IMTLG", "MGDA")])
+def test_groups_with_their_own_weightings_get_their_own_copies(
+    encoder, heads, features, monkeypatch
+) -> None:
+    """Two groups whose Gramians differ (IMTL scales its group's; MGDA reads the losses):
+    each weighting must get its own group's copy."""
+
+    def run() -> list[torch.Tensor]:
+        torch.manual_seed(1)
+        net = Net().double()
+        groups = [
+            {"params": net.encoder.parameters(), "weighting": FACTORIES[encoder]()},
+            {"params": net.heads.parameters(), "weighting": FACTORIES[heads]()},
+        ]
+        opt = MultiTaskOptimizer(torch.optim.SGD(groups, lr=0.05, momentum=0.9))
+        for seed in range(3):
+            x, y = (t.double() for t in make_batch(seed))
+            z = net.encoder(x)
+            outs = [h(z).squeeze(-1) for h in net.heads]
+            losses = [((o - y[:, t]) ** 2).mean() + 0.1 * t for t, o in enumerate(outs)]
+            opt.step(losses, features=z) if features else opt.step(losses)
+        return [p.detach().clone() for p in net.parameters()]
+
+    reference = run()
+    monkeypatch.setattr(host_solve, "off_host", lambda tensor: True)
+    for a, b in zip(run(), reference):
+        assert torch.equal(a, b)
+
+
+def test_a_subclass_that_writes_its_own_weights_does_not_inherit_the_host_path() -> None:
+    from mtlopt.weighting import UPGrad
+
+    class Inherits(UPGrad, register=False):
+        pass
+
+    class Overrides(UPGrad, register=False):
+        def weights_from_gramian(self, gramian, losses):
+            return super().weights_from_gramian(gramian, losses)
+
+    class Declares(Overrides, register=False):
+        solves_on_host = True
+
+    assert Inherits.solves_on_host and not Overrides.solves_on_host and Declares.solves_on_host

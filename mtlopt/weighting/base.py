@@ -47,8 +47,9 @@ class Weighting:
     #: Whether :meth:`observe` wants the closure's losses re-evaluated after the base step.
     wants_losses_after_step: ClassVar[bool] = False
     #: Gramian weightings whose weights depend on the Gramian, the loss values and their own
-    #: small state only: off the CPU they run on a CPU copy of the Gramian, read together
-    #: with the step's finiteness check (see :mod:`mtlopt.host_solve`).
+    #: small state only: off the CPU they run on a CPU copy of the Gramian (read together
+    #: with the step's finiteness check; see :mod:`mtlopt.host_solve`). A subclass that
+    #: overrides ``weights_from_gramian`` does not inherit it: it must set it itself.
     solves_on_host: ClassVar[bool] = False
     #: The weighting writes a finished step direction (AdaTask): the base optimizer should be
     #: plain SGD (no momentum), which only applies the group's lr and weight decay.
@@ -57,6 +58,9 @@ class Weighting:
     def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
         # Shared bases pass register=False (or start with "_"): only methods are listed.
         super().__init_subclass__(**kwargs)
+        # New weighting code may read learnable or device tensors: no host copy unless said.
+        if "weights_from_gramian" in cls.__dict__ and "solves_on_host" not in cls.__dict__:
+            cls.solves_on_host = False
         if register and not cls.__name__.startswith("_"):
             REGISTRY[cls.__name__] = cls
 

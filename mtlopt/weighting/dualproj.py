@@ -35,5 +35,7 @@ class DualProj(_PreferenceProjection):
         reg_eps: ridge added to the normalised Gramian (``>= 0``, default ``1e-4``).
     """
 
+    solves_on_host = True
+
     def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
         return dual_cone_weights(self.conditioned_gramian(gramian), self.preference(gramian))

@@ -67,7 +67,6 @@ class _PreferenceProjection(Weighting):
     """What UPGrad and DualProj share: the hyperparameters and the preference weights."""
 
     needs = "gramian"
-    solves_on_host = True
 
     def __init__(
         self,
@@ -141,6 +140,8 @@ class UPGrad(_PreferenceProjection):
             ``1e-4`` as torchjd).
         reg_eps: ridge added to the normalised Gramian (``>= 0``, default ``1e-4`` as torchjd).
     """
+
+    solves_on_host = True
 
     def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
         conditioned = self.conditioned_gramian(gramian)
