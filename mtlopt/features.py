@@ -21,7 +21,14 @@ import torch
 from torch import Tensor
 
 from .aggregation import GroupPlan, GroupResult, gramian
-from .features_single_pass import NOT_FINITE_Z, head_update, host_gramians, single_pass, weigh
+from .features_single_pass import (
+    NOT_FINITE_Z,
+    head_update,
+    host_gramians,
+    single_pass,
+    undo_weighing,
+    weigh,
+)
 from .features_single_pass import applies as single_pass_applies
 from .finiteness import all_finite
 from .jacobian import JacobianEngine
@@ -117,13 +124,11 @@ def representation_backward(
         if not all_finite([*rows, *below], also=None if check_first else z_gramian.diagonal()):
             raise NonFiniteError(NOT_FINITE_BELOW)
     except Exception as error:
-        for weighting, state in saved:
-            weighting.load_state_dict(state)
-        # A setup error stays what it is; anything else may come from z's rows (a weighting
-        # fed nan), which the device did not check first.
-        usage = isinstance(error, (ValueError, TypeError))
-        if not (check_first or usage) and not all_finite(above_grads, also=z_gramian.diagonal()):
-            raise NonFiniteError(NOT_FINITE_Z) from error
+        undo_weighing(
+            saved,
+            error,
+            lambda: not check_first and not all_finite(above_grads, also=z_gramian.diagonal()),
+        )
         raise
     return results
 

@@ -18,6 +18,8 @@ benchmark MLP at m = 10 (IMTL-G). The numbers are the general path's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -30,7 +32,7 @@ from .nosync import host_copies
 from .reachability import leaves_below, single_task
 from .solvers.host_linalg import reads_back
 from .task_cut import TaskCut, cut_is_the_input, hold_crossings, stack_rows
-from .weighting.base import combine, snapshot
+from .weighting.base import Weighting, combine, snapshot
 
 NOT_FINITE_Z = (
     "losses: the per-task gradients of the representation are not finite; nothing was changed"
@@ -81,6 +83,18 @@ def host_gramians(plans: list[GroupPlan], z_gramian: Tensor) -> dict[int, Tensor
     if not all(few_finite(copy.diagonal()) for copy in copies):
         raise NonFiniteError(NOT_FINITE_Z)
     return {plan.index: copy for plan, copy in zip(hosted, copies)}
+
+
+def undo_weighing(
+    saved: list[tuple[Weighting, dict]], error: Exception, z_unchecked_and_bad: Callable[[], bool]
+) -> None:
+    """Restore the weightings' states after ``error``, and raise NonFiniteError instead if
+    z's rows, which a device does not check before weighing, are not finite (a weighting fed
+    nan may fail first). A setup error (ValueError, TypeError) stays what it is."""
+    for weighting, state in saved:
+        weighting.load_state_dict(state)
+    if not isinstance(error, (ValueError, TypeError)) and z_unchecked_and_bad():
+        raise NonFiniteError(NOT_FINITE_Z) from error
 
 
 def head_update(grad: Tensor, task: int, scale: Tensor | None) -> Tensor:
@@ -146,12 +160,13 @@ def single_pass(
                 "nothing was changed"
             )
     except Exception as error:
-        for weighting, state in saved:
-            weighting.load_state_dict(state)
-        usage = isinstance(error, (ValueError, TypeError))  # a setup error stays what it is
-        deferred = z_diagonal and not reads_back(z_diagonal[0])
-        if deferred and not usage and not few_finite(z_diagonal[0]):
-            raise NonFiniteError(NOT_FINITE_Z) from error  # a weighting may fail on nan first
+        undo_weighing(
+            saved,
+            error,
+            lambda: (
+                bool(z_diagonal) and not reads_back(z_diagonal[0]) and not few_finite(z_diagonal[0])
+            ),
+        )
         raise
     finally:
         for handle in handles:

@@ -45,10 +45,13 @@ def distinct_rows(plans: list[GroupPlan]) -> list[Tensor]:
         keys: list[Any] = [0] * len(weights)
     else:
         keys = [tuple(row) for row in torch.stack(weights).tolist()]
-    first: dict[Any, int] = {}
-    for plan, key in zip(plans, keys):
-        plan.row = first.setdefault(key, len(first))
-    rows = [weights[keys.index(key)] for key in first]
+    row_of: dict[Any, int] = {}
+    rows: list[Tensor] = []
+    for plan, key, vector in zip(plans, keys, weights):
+        if key not in row_of:
+            row_of[key] = len(rows)
+            rows.append(vector)
+        plan.row = row_of[key]
     for plan in plans:
         plan.rows = rows
     return rows

@@ -12,8 +12,11 @@ from collections.abc import Callable
 
 import torch
 
+from mtlopt import MultiTaskOptimizer
 from mtlopt.weighting import weighting_class
 from mtlopt.weighting.base import Weighting
+
+from .conftest import Net, make_batch
 
 
 def _build(name: str, **kwargs: object) -> Callable[[], Weighting]:
@@ -23,10 +26,37 @@ def _build(name: str, **kwargs: object) -> Callable[[], Weighting]:
 FACTORIES: dict[str, Callable[[], Weighting]] = {
     name: _build(name)
     for name in [
-        "AdaTask", "AlignedMTL", "CAGrad", "ConFIG", "ConicGrad", "DBMTL", "DualProj", "DWA",
-        "ExcessMTL", "FAMO", "FairGrad", "GLS", "GradDrop", "GradNorm", "GradVac", "IMGrad",
-        "IMTL", "IMTLG", "IMTLL", "MGDA", "MoCo", "MoDo", "Mean", "NashMTL", "PCGrad",
-        "Random", "SDMGrad", "STCH", "Sum", "UPGrad", "UW",
+        "AdaTask",
+        "AlignedMTL",
+        "CAGrad",
+        "ConFIG",
+        "ConicGrad",
+        "DBMTL",
+        "DualProj",
+        "DWA",
+        "ExcessMTL",
+        "FAMO",
+        "FairGrad",
+        "GLS",
+        "GradDrop",
+        "GradNorm",
+        "GradVac",
+        "IMGrad",
+        "IMTL",
+        "IMTLG",
+        "IMTLL",
+        "MGDA",
+        "MoCo",
+        "MoDo",
+        "Mean",
+        "NashMTL",
+        "PCGrad",
+        "Random",
+        "SDMGrad",
+        "STCH",
+        "Sum",
+        "UPGrad",
+        "UW",
     ]
 }
 FACTORIES["Constant"] = lambda: weighting_class("Constant")(weights=[1.0, 2.0, 0.5])
@@ -44,11 +74,44 @@ NON_CONFLICTING["UPGrad"] = _build("UPGrad", reg_eps=0.0)
 NON_CONFLICTING["DualProj"] = _build("DualProj", reg_eps=0.0)
 #: Deterministic, order-free methods: permuting the tasks permutes nothing in the update.
 ORDER_FREE = {
-    "AlignedMTL", "CAGrad", "ConFIG", "DualProj", "FairGrad", "GLS", "IMGrad", "IMTL", "IMTLG",
-    "IMTLL", "MGDA", "Mean", "NashMTL", "Sum", "UPGrad", "UW", "ConicGrad",
+    "AlignedMTL",
+    "CAGrad",
+    "ConFIG",
+    "DualProj",
+    "FairGrad",
+    "GLS",
+    "IMGrad",
+    "IMTL",
+    "IMTLG",
+    "IMTLL",
+    "MGDA",
+    "Mean",
+    "NashMTL",
+    "Sum",
+    "UPGrad",
+    "UW",
+    "ConicGrad",
 }
 #: Methods whose task count is fixed by their hyperparameters.
 FIXED_TASKS = {"Constant": 3}
+
+
+def trained_parameters(
+    name: str, device: str, dtype: torch.dtype, features: bool, steps: int = 3
+) -> list[torch.Tensor]:
+    """The parameters (CPU, float64) after ``steps`` SGD+momentum steps of the weighting
+    ``name`` on :class:`Net` from a seeded start, encoder and heads as two param groups;
+    ``features``: in representation mode."""
+    torch.manual_seed(0)  # the same model, and the same seeds for the weightings' generators
+    net = Net().to(device=device, dtype=dtype)
+    groups = [{"params": net.encoder.parameters()}, {"params": net.heads.parameters()}]
+    opt = MultiTaskOptimizer(torch.optim.SGD(groups, lr=0.05, momentum=0.9), FACTORIES[name]())
+    for seed in range(steps):
+        x, y = (t.to(device=device, dtype=dtype) for t in make_batch(seed))
+        z = net.encoder(x)
+        losses = [((h(z).squeeze(-1) - y[:, t]) ** 2).mean() for t, h in enumerate(net.heads)]
+        opt.step(losses, features=z) if features else opt.step(losses)
+    return [p.detach().to("cpu", torch.float64) for p in net.parameters()]
 
 
 def direction(weighting: Weighting, jacobian: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 from mtlopt import MultiTaskOptimizer, host_solve
 
 from .conftest import Net, make_batch
-from .method_kit import FACTORIES
+from .method_kit import FACTORIES, trained_parameters
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -41,21 +41,6 @@ def sync_limit(name: str, features: bool) -> int:
     weighting = FACTORIES[name]()
     loss_only = weighting.needs == "losses"
     return 2 + loss_only + (features and weighting.solves_on_host)
-
-
-def train(name: str, device: str, dtype: torch.dtype, features: bool, steps: int = 3):
-    """Parameters after ``steps`` SGD+momentum steps of ``name`` from a seeded start."""
-    torch.manual_seed(0)  # the same model, and the same seeds for the weightings' generators
-    net = Net().to(device=device, dtype=dtype)
-    weighting = FACTORIES[name]()
-    groups = [{"params": net.encoder.parameters()}, {"params": net.heads.parameters()}]
-    opt = MultiTaskOptimizer(torch.optim.SGD(groups, lr=0.05, momentum=0.9), weighting=weighting)
-    for seed in range(steps):
-        x, y = (t.to(device=device, dtype=dtype) for t in make_batch(seed))
-        z = net.encoder(x)
-        losses = [((h(z).squeeze(-1) - y[:, t]) ** 2).mean() for t, h in enumerate(net.heads)]
-        opt.step(losses, features=z) if features else opt.step(losses)
-    return [p.detach().to("cpu", torch.float64) for p in net.parameters()]
 
 
 def representation_ok(name: str) -> bool:
@@ -84,23 +69,23 @@ def solve_on(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 @pytest.mark.usefixtures("solve_on")
 @pytest.mark.parametrize("name", COMPARED)
 def test_float64_update_matches_the_cpu(name: str) -> None:
-    on_cuda = train(name, "cuda", torch.float64, features=False)
-    on_cpu = train(name, "cpu", torch.float64, features=False)
+    on_cuda = trained_parameters(name, "cuda", torch.float64, features=False)
+    on_cpu = trained_parameters(name, "cpu", torch.float64, features=False)
     assert_close_displacement(on_cuda, on_cpu, start_parameters(), rtol=1e-6)
 
 
 @pytest.mark.usefixtures("solve_on")
 @pytest.mark.parametrize("name", [n for n in COMPARED if representation_ok(n)])
 def test_float64_representation_mode_matches_the_cpu(name: str) -> None:
-    on_cuda = train(name, "cuda", torch.float64, features=True)
-    on_cpu = train(name, "cpu", torch.float64, features=True)
+    on_cuda = trained_parameters(name, "cuda", torch.float64, features=True)
+    on_cpu = trained_parameters(name, "cpu", torch.float64, features=True)
     assert_close_displacement(on_cuda, on_cpu, start_parameters(), rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["UPGrad", "GradVac", "IMTLG", "MGDA", "CAGrad", "NashMTL"])
 def test_float32_update_is_close_to_float64(name: str) -> None:
-    on_cuda = train(name, "cuda", torch.float32, features=False)
-    on_cpu = train(name, "cpu", torch.float64, features=False)
+    on_cuda = trained_parameters(name, "cuda", torch.float32, features=False)
+    on_cpu = trained_parameters(name, "cpu", torch.float64, features=False)
     assert_close_displacement(on_cuda, on_cpu, start_parameters(), rtol=1e-3)
 
 
@@ -109,7 +94,7 @@ def test_uncompared_methods_run(name: str) -> None:
     weighting = FACTORIES[name]()
     if weighting.n_batches > 1:
         pytest.skip("needs several batches per step (tested on the CPU)")
-    moved = train(name, "cuda", torch.float32, features=False)
+    moved = trained_parameters(name, "cuda", torch.float32, features=False)
     assert all(torch.isfinite(p).all() for p in moved)
 
 

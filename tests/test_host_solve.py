@@ -17,22 +17,13 @@ from mtlopt import MultiTaskOptimizer, finiteness, host_solve, nosync
 from mtlopt.finiteness import all_finite, all_finite_reading
 
 from .conftest import Net, make_batch
-from .method_kit import FACTORIES
+from .method_kit import FACTORIES, trained_parameters
 
 HOSTED = sorted(name for name, make in FACTORIES.items() if make().solves_on_host)
 
 
 def train(name: str, features: bool) -> list[torch.Tensor]:
-    torch.manual_seed(0)
-    net = Net().double()
-    groups = [{"params": net.encoder.parameters()}, {"params": net.heads.parameters()}]
-    opt = MultiTaskOptimizer(torch.optim.SGD(groups, lr=0.05, momentum=0.9), FACTORIES[name]())
-    for seed in range(3):
-        x, y = (t.double() for t in make_batch(seed))
-        z = net.encoder(x)
-        losses = [((h(z).squeeze(-1) - y[:, t]) ** 2).mean() for t, h in enumerate(net.heads)]
-        opt.step(losses, features=z) if features else opt.step(losses)
-    return [p.detach().clone() for p in net.parameters()]
+    return trained_parameters(name, "cpu", torch.float64, features)
 
 
 def test_the_hosted_methods_are_the_gramian_solvers() -> None:
