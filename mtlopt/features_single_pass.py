@@ -31,7 +31,7 @@ from .losses import NonFiniteError, TaskLosses
 from .nosync import host_copies
 from .reachability import leaves_below, single_task
 from .solvers.host_linalg import reads_back
-from .task_cut import TaskCut, cut_is_the_input, hold_crossings, stack_rows
+from .task_cut import CrossingRows, TaskCut, cut_is_the_input, hold_crossings
 from .weighting.base import Weighting, combine, snapshot
 
 NOT_FINITE_Z = (
@@ -112,7 +112,8 @@ def single_pass(
 ) -> dict[int, GroupResult]:
     """The groups' updates from one backward pass (see the module's docstring)."""
     n_tasks = task_losses.n_tasks
-    parts: list[list[list[Tensor]]] = [[[] for _ in range(n_tasks)]]  # one target: z
+    crossing = CrossingRows(1, range(n_tasks))  # one target: z
+    crossing.reserve(0, features.detach())
     below_plan = next((p for p in plans if any(id(q) not in above for q in p.params)), None)
     below = [] if below_plan is None else [p for p in below_plan.params if id(p) not in above]
     heads = list(dict.fromkeys(p for plan in plans for p in plan.params if id(p) in above))
@@ -125,7 +126,8 @@ def single_pass(
     z_diagonal: list[Tensor] = []  # set once z's rows are in
 
     def weigh_all() -> Tensor | None:
-        rows = stack_rows(parts[0])
+        rows = crossing.take(0)
+        assert rows is not None  # z's node runs once some task's gradient reached it
         z_gramian = gramian([rows])
         z_diagonal.append(z_gramian.diagonal())
         # Free on the CPU; a GPU would wait, so there the check after the backward covers it.
@@ -141,7 +143,7 @@ def single_pass(
         replaced[features.output_nr] = weigh_all()
         return tuple(replaced)
 
-    handles = hold_crossings(cut, parts, range(n_tasks), passing)
+    handles = hold_crossings(cut, crossing, range(n_tasks), passing)
     handles.append(features.grad_fn.register_prehook(swap_in_direction))  # type: ignore[union-attr]
     output = task_losses.output
     try:

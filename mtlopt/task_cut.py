@@ -87,7 +87,7 @@ def backward_through_heads(
 
     ``tasks``: only these tasks' losses are differentiated (the rows are theirs); their
     losses must be separate inputs of ``output``'s stack (what :func:`find_cut` requires).
-    ``as_seeds``: lay the rows out for a batched backward (see :func:`stack_rows`); False
+    ``as_seeds``: lay the rows out for a batched backward (see :class:`CrossingRows`); False
     where the caller keeps them as per-task gradients. The graph is kept: stage 2 and the
     caller's fallback go through it again.
     """
@@ -99,10 +99,8 @@ def backward_through_heads(
         edges = output.grad_fn.next_functions  # type: ignore[union-attr]
         roots = [GradientEdge(*edges[task]) for task in tasks]
         seeds = [torch.ones((), dtype=output.dtype, device=output.device) for _ in tasks]
-    # The hooks keep references to each task's gradients (no copy while autograd runs, no
-    # buffer to fault in); one stack per target builds the rows at the end.
-    parts: list[list[list[Tensor]]] = [[[] for _ in range(n_tasks)] for _ in cut.targets]
-    handles = hold_crossings(cut, parts, tasks)
+    crossing = CrossingRows(len(cut.targets), tasks, as_seeds)
+    handles = hold_crossings(cut, crossing, tasks)
     try:
         grads = torch.autograd.grad(
             roots,
@@ -116,29 +114,29 @@ def backward_through_heads(
             handle.remove()
     crossed = [
         (target, rows)
-        for target, per_task in zip(cut.targets, parts)
-        if (rows := stack_rows(per_task[tasks.start : tasks.stop], as_seeds)) is not None
+        for index, target in enumerate(cut.targets)
+        if (rows := crossing.take(index)) is not None
     ]
     return list(grads[len(cut.targets) :]), [t for t, _ in crossed], [r for _, r in crossed]
 
 
 def hold_crossings(
     cut: TaskCut,
-    parts: list[list[list[Tensor]]],
+    rows: CrossingRows,
     tasks: range,
     passing: tuple[object, int] | None = None,
 ) -> list:
-    """Hooks on the feeders of ``tasks``: each appends its task's gradient across the cut to
-    ``parts[target][task]`` and stops it there (autograd need not sum the tasks' gradients
-    at the target), except on the edge ``passing`` (node, input position), whose gradient
-    also goes on. Returns the hooks' handles."""
+    """Hooks on the feeders of ``tasks``: each adds its task's gradient across the cut to
+    ``rows`` and stops it there (autograd need not sum the tasks' gradients at the target),
+    except on the edge ``passing`` (node, input position), whose gradient also goes on.
+    Returns the hooks' handles."""
 
     def recorder(node: object, task: int, edges: list[tuple[int, int]]):
         def record(grad_inputs: tuple[Tensor | None, ...], _: object) -> tuple:
             passed = list(grad_inputs)
             for position, index in edges:
                 if grad_inputs[position] is not None:
-                    parts[index][task].append(grad_inputs[position])
+                    rows.add(index, task, grad_inputs[position])
                 if (node, position) != passing:
                     passed[position] = None
             return tuple(passed)
@@ -152,8 +150,16 @@ def hold_crossings(
     ]
 
 
-def stack_rows(per_task: list[list[Tensor]], as_seeds: bool = False) -> Tensor | None:
-    """``[m, *shape]``: row t sums task t's recorded gradients (zeros if it sent none).
+class CrossingRows:
+    """Per cut target, ``[len(tasks), *shape]`` rows: row t sums task ``tasks[t]``'s
+    gradients across the cut (zeros if it sent none).
+
+    Each gradient is copied into its row as autograd hands it over, while it is still in
+    cache and before the next head's gradient is allocated (the allocator then reuses its
+    memory): for ten gradients of 256 x 512 floats that is 0.22 ms against 0.52 ms for
+    holding them and stacking them at the end, and the rows take one copy's memory, not
+    two. In representation mode (m = 10 on the benchmark MLP) a step is 0.1 to 0.2 ms
+    faster, measured interleaved against the stacking code.
 
     ``as_seeds``: stored task-minor (``[*shape[:-1], m, shape[-1]]`` in memory), for seeds of
     a batched backward. Under vmap a Linear layer's weight gradient is a matmul of the
@@ -162,14 +168,43 @@ def stack_rows(per_task: list[list[Tensor]], as_seeds: bool = False) -> Tensor |
     bit for bit; the bare batched backward of the benchmark MLP (m = 10) peaks at 1.73x the
     Jacobian instead of 2.06x, and is no slower.
     """
-    like = next((grads[0] for grads in per_task if grads), None)
-    if like is None:
-        return None
-    rows = [
-        torch.zeros_like(like) if not grads else grads[0] if len(grads) == 1 else sum(grads)
-        for grads in per_task
-    ]
-    per_task.clear()  # drop the references: the stacked copy replaces them
-    if not as_seeds or like.dim() < 2:
-        return torch.stack(rows)
-    return torch.stack(rows, dim=-2).movedim(-2, 0)
+
+    def __init__(self, n_targets: int, tasks: range, as_seeds: bool = False) -> None:
+        self.tasks = tasks
+        self.as_seeds = as_seeds
+        self._rows: list[Tensor | None] = [None] * n_targets
+        self._filled: list[set[int]] = [set() for _ in range(n_targets)]
+
+    def reserve(self, index: int, like: Tensor) -> None:
+        """Allocate target ``index``'s rows now, for gradients shaped like ``like``: before the
+        backward pass, a buffer of this size tends to reuse the previous step's memory (on
+        the benchmark MLP 0.1 ms a step less than allocating it on the first gradient, among
+        autograd's own temporaries, which leaves it fresh pages to fault in)."""
+        self._rows[index] = self._empty_like(like)
+
+    def add(self, index: int, task: int, grad: Tensor) -> None:
+        rows = self._rows[index]
+        if rows is None:
+            rows = self._rows[index] = self._empty_like(grad)
+        row = rows[task - self.tasks.start]
+        if task in self._filled[index]:
+            row.add_(grad)  # a task crossing twice into one target (a head read z twice)
+        else:
+            row.copy_(grad)
+            self._filled[index].add(task)
+
+    def _empty_like(self, grad: Tensor) -> Tensor:
+        m = len(self.tasks)
+        if not self.as_seeds or grad.dim() < 2:
+            return grad.new_empty((m, *grad.shape))
+        return grad.new_empty((*grad.shape[:-1], m, grad.shape[-1])).movedim(-2, 0)
+
+    def take(self, index: int) -> Tensor | None:
+        """Target ``index``'s rows (None if no task crossed into it and none were reserved);
+        the last reference is the caller's, so that it can free them early."""
+        rows, self._rows[index] = self._rows[index], None
+        if rows is not None:
+            for row, task in enumerate(self.tasks):
+                if task not in self._filled[index]:
+                    rows[row].zero_()
+        return rows

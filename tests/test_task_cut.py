@@ -18,7 +18,7 @@ from mtlopt.handed_seeds import handed_seed_vjp
 from mtlopt.jacobian import JacobianEngine, _batched_vjp
 from mtlopt.losses import prepare_losses
 from mtlopt.reachability import GraphMasks, single_task
-from mtlopt.task_cut import backward_through_heads, find_cut
+from mtlopt.task_cut import CrossingRows, backward_through_heads, find_cut
 from mtlopt.weighting.base import Weighting
 
 from .test_jacobian import ItemBackward, assert_blocks_close, reference_jacobian
@@ -331,3 +331,27 @@ def test_rows_of_the_representation_itself_are_row_major() -> None:
     )
     assert block is not None and block.is_contiguous()
     assert_blocks_close([block], reference_jacobian(losses, [z]))
+
+
+@pytest.mark.parametrize("as_seeds", [False, True])
+def test_crossing_rows_sum_each_task_and_zero_the_silent_ones(as_seeds: bool) -> None:
+    """Row t is the sum of task t's gradients in arrival order (a head that reads z twice)
+    and zeros for a task that sent none, whatever the buffer held before: a reserved
+    buffer starts as garbage (here nan), a subset of tasks fills rows from 0."""
+    g = torch.Generator().manual_seed(5)
+    grads = [torch.randn(4, 3, generator=g, dtype=DTYPE) for _ in range(3)]
+    for reserve in (False, True):
+        crossing = CrossingRows(2, range(1, 4), as_seeds)  # tasks 1, 2, 3
+        if reserve:
+            crossing.reserve(0, grads[0])
+            crossing._rows[0].fill_(float("nan"))  # type: ignore[union-attr]
+        crossing.add(0, 2, grads[0])
+        crossing.add(0, 2, grads[1])
+        crossing.add(0, 3, grads[2])
+        rows = crossing.take(0)
+        assert rows is not None and rows.shape == (3, 4, 3)
+        assert rows.movedim(0, -2).is_contiguous() == as_seeds
+        expected = torch.stack([torch.zeros(4, 3, dtype=DTYPE), grads[0] + grads[1], grads[2]])
+        torch.testing.assert_close(rows, expected, rtol=0, atol=0)
+        assert crossing.take(1) is None  # nothing crossed into target 1
+        assert crossing.take(0) is None  # taken: the caller holds the only reference
