@@ -33,6 +33,7 @@ from .reachability import leaves_below, single_task
 from .solvers.host_linalg import reads_back
 from .task_cut import CrossingRows, TaskCut, cut_is_the_input, hold_crossings
 from .weighting.base import Weighting, combine, snapshot
+from .workspace import RowsWorkspace
 
 NOT_FINITE_Z = (
     "losses: the per-task gradients of the representation are not finite; nothing was changed"
@@ -109,11 +110,13 @@ def single_pass(
     features: Tensor,
     above: dict[int, int],
     retain_graph: bool,
+    workspace: RowsWorkspace,
 ) -> dict[int, GroupResult]:
-    """The groups' updates from one backward pass (see the module's docstring)."""
+    """The groups' updates from one backward pass (see the module's docstring). z's rows
+    are written into ``workspace``'s buffer, which nothing returned refers to."""
     n_tasks = task_losses.n_tasks
     crossing = CrossingRows(1, range(n_tasks))  # one target: z
-    crossing.reserve(0, features.detach())
+    crossing.fill(0, workspace.rows(n_tasks, features.detach()))
     below_plan = next((p for p in plans if any(id(q) not in above for q in p.params)), None)
     below = [] if below_plan is None else [p for p in below_plan.params if id(p) not in above]
     heads = list(dict.fromkeys(p for plan in plans for p in plan.params if id(p) in above))

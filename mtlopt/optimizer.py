@@ -39,6 +39,7 @@ from .step_wrapper import hooked_step, step_base, zero_grad_base
 from .weighting import resolve
 from .weighting.base import Weighting
 from .weighting.baselines import Mean
+from .workspace import RowsWorkspace
 
 #: Key marking the internal param groups that hold a weighting's learnable tensors.
 ROLE_KEY = "mtlopt_role"
@@ -53,7 +54,9 @@ _HOOK_DICTS = (
 )
 
 
-_UNPICKLED = frozenset({*_HOOK_DICTS, "step", "_opt_called", "_step_stats_hooks", "_process_group"})
+_UNPICKLED = frozenset(
+    {*_HOOK_DICTS, "step", "_opt_called", "_step_stats_hooks", "_process_group", "_rows_workspace"}
+)
 
 
 class MultiTaskOptimizer(Optimizer):
@@ -120,6 +123,7 @@ class MultiTaskOptimizer(Optimizer):
         self.optimizer = optimizer
         self.weighting = weighting
         self._engine = JacobianEngine(chunk_size, jacobian)
+        self._rows_workspace = RowsWorkspace()  # representation mode's rows (kept on CPU)
         #: Per param group index: what the last step produced (task weights, and the Gramian
         #: with per-task gradient norms and cosines where the weighting read it).
         self.last_step: dict[int, GroupResult] = {}
@@ -169,6 +173,7 @@ class MultiTaskOptimizer(Optimizer):
             self.__dict__.setdefault(name, OrderedDict())
         self.__dict__.setdefault("_step_stats_hooks", OrderedDict())
         self.__dict__.setdefault("_process_group", resolve_process_group(None))
+        self.__dict__.setdefault("_rows_workspace", RowsWorkspace())
         self._patch_step_function()
 
     def __repr__(self) -> str:
@@ -418,7 +423,7 @@ class MultiTaskOptimizer(Optimizer):
             )
         try:
             results = representation_backward(
-                self._engine, task_losses, plans, features, retain_graph
+                self._engine, task_losses, plans, features, retain_graph, self._rows_workspace
             )
         except NonFiniteError as error:
             return self._skip_non_finite(error, None)

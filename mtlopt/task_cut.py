@@ -175,12 +175,12 @@ class CrossingRows:
         self._rows: list[Tensor | None] = [None] * n_targets
         self._filled: list[set[int]] = [set() for _ in range(n_targets)]
 
-    def reserve(self, index: int, like: Tensor) -> None:
-        """Allocate target ``index``'s rows now, for gradients shaped like ``like``: before the
-        backward pass, a buffer of this size tends to reuse the previous step's memory (on
-        the benchmark MLP 0.1 ms a step less than allocating it on the first gradient, among
-        autograd's own temporaries, which leaves it fresh pages to fault in)."""
-        self._rows[index] = self._empty_like(like)
+    def fill(self, index: int, rows: Tensor) -> None:
+        """Write target ``index``'s rows into ``rows`` (``[len(tasks), *shape]``, row-major,
+        contents ignored) rather than allocate them on the first gradient, among autograd's
+        temporaries: representation mode hands over a buffer it keeps from step to step
+        (:class:`mtlopt.workspace.RowsWorkspace`)."""
+        self._rows[index] = rows
 
     def add(self, index: int, task: int, grad: Tensor) -> None:
         rows = self._rows[index]
@@ -200,7 +200,7 @@ class CrossingRows:
         return grad.new_empty((*grad.shape[:-1], m, grad.shape[-1])).movedim(-2, 0)
 
     def take(self, index: int) -> Tensor | None:
-        """Target ``index``'s rows (None if no task crossed into it and none were reserved);
+        """Target ``index``'s rows (None if no task crossed into it and none were filled in);
         the last reference is the caller's, so that it can free them early."""
         rows, self._rows[index] = self._rows[index], None
         if rows is not None:

@@ -356,3 +356,45 @@ def test_a_single_task_steps_like_its_plain_gradient(method: str) -> None:
     opt.step([(head(z) ** 2).mean()], features=z)
     for p, g in zip(params, expected):
         torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-8)
+
+
+def test_the_kept_rows_buffer_never_leaks_a_previous_step() -> None:
+    """On the CPU the one-pass path writes z's rows into a buffer the optimizer keeps from
+    step to step (reallocated when the shape changes): each step must equal the same step
+    taken by a fresh optimizer, including one where a task's head no longer reads z (its
+    row must be zeros, not the last step's)."""
+    torch.manual_seed(9)
+    net = Net()
+    opt = MultiTaskOptimizer(torch.optim.SGD(net.parameters(), lr=0.0), weighting="mgda")
+    buffers = []
+    for seed, rows, detached in [(0, 16, False), (1, 16, False), (2, 8, False), (3, 16, True)]:
+        x, y = make_batch(seed)
+        x, y = x[:rows], y[:rows]
+
+        def losses_and_z(x=x, y=y, detached=detached) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            z = net.encoder(x)
+            inputs = [z.detach() if detached and t == 1 else z for t in range(len(net.heads))]
+            losses = [
+                ((h(inp).squeeze(-1) - y[:, t]) ** 2).mean()
+                for t, (h, inp) in enumerate(zip(net.heads, inputs))
+            ]
+            return z, losses
+
+        fresh = MultiTaskOptimizer(torch.optim.SGD(net.parameters(), lr=0.0), weighting="mgda")
+        fresh.zero_grad()
+        z, losses = losses_and_z()
+        fresh.step(losses, features=z)
+        expected = [None if p.grad is None else p.grad.clone() for p in net.parameters()]
+        expected_weights = fresh.last_step[0].weights
+        opt.zero_grad()
+        z, losses = losses_and_z()
+        opt.step(losses, features=z)
+        buffers.append(opt._rows_workspace._buffer)
+        torch.testing.assert_close(opt.last_step[0].weights, expected_weights, rtol=0, atol=0)
+        for p, g in zip(net.parameters(), expected):
+            if g is None:
+                assert p.grad is None
+            else:
+                torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
+    assert buffers[0] is buffers[1]  # kept while the shape stays
+    assert buffers[2].shape[1] == 8 and buffers[3].shape[1] == 16

@@ -342,9 +342,8 @@ def test_crossing_rows_sum_each_task_and_zero_the_silent_ones(as_seeds: bool) ->
     grads = [torch.randn(4, 3, generator=g, dtype=DTYPE) for _ in range(3)]
     for reserve in (False, True):
         crossing = CrossingRows(2, range(1, 4), as_seeds)  # tasks 1, 2, 3
-        if reserve:
-            crossing.reserve(0, grads[0])
-            crossing._rows[0].fill_(float("nan"))  # type: ignore[union-attr]
+        if reserve:  # a reused buffer, holding the last step's rows (here nan)
+            crossing.fill(0, crossing._empty_like(grads[0]).fill_(float("nan")))
         crossing.add(0, 2, grads[0])
         crossing.add(0, 2, grads[1])
         crossing.add(0, 3, grads[2])
