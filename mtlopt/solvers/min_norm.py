@@ -245,7 +245,7 @@ def _purify(quadratic: Tensor, linear: Tensor, x: Tensor, s: Tensor, on_simplex:
 
 
 def _principal_pivoting(
-    quadratic: Tensor, linear: Tensor, on_simplex: bool
+    quadratic: Tensor, linear: Tensor, on_simplex: bool, first_face: Tensor | None = None
 ) -> tuple[Tensor, list[int]]:
     """Block principal pivoting (Judice and Pires, Comput. Oper. Res. 1994; the safeguard of
     Kim and Park, SIAM J. Sci. Comput. 2011): exact face solves, swapping every index that
@@ -256,7 +256,8 @@ def _principal_pivoting(
     (``x >= 0``, ``Qx + c (- lam) >= 0`` off the support) within :data:`PIVOT_LIMIT` ``* m``
     swaps. For the CPU: it keeps its bookkeeping (violation counts, patience) on the host,
     which costs nothing there, stops as soon as every problem is solved, and typically ends
-    after 2 to 4 face solves.
+    after 2 to 4 face solves. ``first_face``: the solution on the first face, when the
+    caller has it already (:mod:`mtlopt.solvers.dual_cone_cpu`).
     """
     batch, m = linear.shape
     support = torch.ones_like(linear, dtype=torch.bool) if on_simplex else linear < 0
@@ -266,8 +267,11 @@ def _principal_pivoting(
     patience = [PIVOT_PATIENCE] * batch
     counts = [m] * batch
     x = torch.zeros_like(linear)
-    for _ in range(PIVOT_LIMIT * m + 2):
-        x = _face_solution(quadratic, linear, support, on_simplex)
+    for step in range(PIVOT_LIMIT * m + 2):
+        if step == 0 and first_face is not None:
+            x = first_face
+        else:
+            x = _face_solution(quadratic, linear, support, on_simplex)
         slope = x @ quadratic + linear
         if on_simplex:  # the multiplier of sum x = 1: the slope on the support
             count = support.sum(-1, keepdim=True).clamp(min=1)
@@ -330,13 +334,15 @@ def nonnegative_qp(quadratic: Tensor, linear: Tensor, on_simplex: bool = False) 
     return x.squeeze(0) if squeeze else x
 
 
-def _pivoted(quadratic: Tensor, rows: Tensor, on_simplex: bool) -> Tensor:
+def _pivoted(
+    quadratic: Tensor, rows: Tensor, on_simplex: bool, first_face: Tensor | None = None
+) -> Tensor:
     """The CPU's exact method: pivoting, after a direct try of its first face on the
     simplex; the rare problem it leaves unsolved (singular faces) goes to the interior
-    point."""
+    point. ``first_face``: as for :func:`_principal_pivoting`."""
     if on_simplex and (x := _full_face_on_simplex(quadratic, rows)) is not None:
         return x
-    x, unsolved = _principal_pivoting(quadratic, rows, on_simplex)
+    x, unsolved = _principal_pivoting(quadratic, rows, on_simplex, first_face)
     if unsolved:
         x[unsolved] = _interior_point_solution(quadratic, rows[unsolved], on_simplex)
     return x

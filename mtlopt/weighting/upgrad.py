@@ -9,8 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..solvers import min_norm
 from ..solvers.dual_cone import dual_cone_weights
-from ..solvers.host_linalg import reads_back
+from ..solvers.dual_cone_cpu import preference_projections_on_cpu
+from ..solvers.host_linalg import on_host, reads_back
 from .base import Weighting
 
 
@@ -86,15 +88,22 @@ class _PreferenceProjection(Weighting):
         pref = None if self.pref_vector is None else list(self.pref_vector)
         return {"pref_vector": pref, "norm_eps": self.norm_eps, "reg_eps": self.reg_eps}
 
+    def preference_values(self, m: int) -> list[float]:
+        """The preference weights for ``m`` tasks (``1/m`` each by default), as floats."""
+        if self.pref_vector is None:
+            return [1.0 / m] * m
+        if len(self.pref_vector) != m:
+            raise ValueError(
+                f"pref_vector: has {len(self.pref_vector)} entries, but there are {m} tasks"
+            )
+        return list(self.pref_vector)
+
     def preference(self, gramian: Tensor) -> Tensor:
         """The preference weights for ``m`` tasks (``1/m`` each by default), on ``G``'s device."""
         m = gramian.shape[0]
         if self.pref_vector is None:
             return torch.full((m,), 1.0 / m, dtype=torch.float64, device=gramian.device)
-        if len(self.pref_vector) != m:
-            raise ValueError(
-                f"pref_vector: has {len(self.pref_vector)} entries, but there are {m} tasks"
-            )
+        self.preference_values(m)  # the length check
         cached = self._pref_cache.get(gramian.device)
         if cached is None:
             cached = torch.tensor(self.pref_vector, dtype=torch.float64).to(gramian.device)
@@ -103,6 +112,17 @@ class _PreferenceProjection(Weighting):
 
     def conditioned_gramian(self, gramian: Tensor) -> Tensor:
         return normalized_gramian(gramian, self.norm_eps, self.reg_eps)
+
+    def weights_on_cpu(self, gramian: Tensor, each_task: bool) -> Tensor | None:
+        """The weights in few operations on the CPU (:mod:`mtlopt.solvers.dual_cone_cpu`);
+        None where the general path must run (another device, or the shortcut declined)."""
+        preference = self.preference_values(gramian.shape[0])
+        if not (min_norm.PIVOT_ON_CPU and on_host(gramian)):
+            return None  # off the CPU, or past 16 tasks: the batched tensor code is faster
+        weights = preference_projections_on_cpu(
+            gramian, preference, each_task, self.norm_eps, self.reg_eps
+        )
+        return None if weights is None else torch.tensor(weights, dtype=torch.float64)
 
 
 class UPGrad(_PreferenceProjection):
@@ -125,9 +145,11 @@ class UPGrad(_PreferenceProjection):
     ``norm_eps=0`` to normalise any non-zero Gramian. ``reg_eps`` makes the QP strictly convex;
     the optimality conditions then give ``g_i . d >= -reg_eps trace(G) w_i`` rather than
     ``>= 0`` (torchjd's behaviour too; ``reg_eps=0`` gives ``J d >= 0`` up to round-off).
-    torchjd solves each QP with quadprog on the CPU; mtlopt solves them all at once on the
-    Gramian's device, to about machine precision (face enumeration for up to 8 tasks, an
-    interior point beyond; no host synchronisation).
+    torchjd solves each QP with quadprog on the CPU; mtlopt solves them all at once, to about
+    machine precision: on the CPU (up to 16 tasks) every problem's first pivoting face in one
+    batched solve, certified on the host (:mod:`mtlopt.solvers.dual_cone_cpu`), else block
+    principal pivoting; on other devices face enumeration or an interior point, with no host
+    synchronisation.
 
     Non-conflicting (the paper's main property): ``g_i . d >= 0`` for every task when
     ``p >= 0``, up to the ``reg_eps`` slack above and except below the ``norm_eps`` threshold.
@@ -144,6 +166,9 @@ class UPGrad(_PreferenceProjection):
     solves_on_host = True
 
     def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        weights = self.weights_on_cpu(gramian, each_task=True)
+        if weights is not None:
+            return weights
         conditioned = self.conditioned_gramian(gramian)
         projections = dual_cone_weights(conditioned, torch.diag(self.preference(gramian)))
         return projections.sum(0)
