@@ -27,22 +27,23 @@ class GraphMasks:
 
     def __init__(self, roots: Sequence[object | None], stop: object | None = None) -> None:
         self.roots = list(roots)
-        indegree: dict[object, int] = {}
+        # The walk runs every step on every node of the heads (all nodes in the ordinary
+        # mode): a node is seen once it has an in-degree entry, and edges are read once.
         stack = list(dict.fromkeys(node for node in roots if node is not None))
-        for node in stack:
-            indegree.setdefault(node, 0)
-        seen = set(stack)
+        indegree: dict[object, int] = dict.fromkeys(stack, 0)
         #: node -> its ``next_functions`` (each read builds a new tuple: read it once)
         self.edges: dict[object, tuple] = {}
+        edges_of = self.edges
         while stack:
             node = stack.pop()
-            edges = self.edges[node] = _inputs(node, stop)
+            edges = edges_of[node] = () if node is stop else node.next_functions  # type: ignore[attr-defined]
             for child, _ in edges:
                 if child is None:
                     continue
-                indegree[child] = indegree.get(child, 0) + 1
-                if child not in seen:
-                    seen.add(child)
+                if child in indegree:
+                    indegree[child] += 1
+                else:
+                    indegree[child] = 1
                     stack.append(child)
 
         pending: dict[object, int] = {}
@@ -51,21 +52,23 @@ class GraphMasks:
                 pending[node] = pending.get(node, 0) | (1 << task)
         #: node -> mask, in topological order (a node before every node it points to)
         self.nodes: dict[object, int] = {}
+        nodes = self.nodes
         self._leaves: dict[int, int] = {}  # id(leaf tensor) -> mask of its AccumulateGrad
         ready = [node for node, degree in indegree.items() if degree == 0]
         while ready:
             node = ready.pop()
             mask = pending.pop(node, 0)
-            self.nodes[node] = mask
+            nodes[node] = mask
             variable = getattr(node, "variable", None)
             if variable is not None:
                 self._leaves[id(variable)] = self._leaves.get(id(variable), 0) | mask
-            for child, _ in self.edges[node]:
+            for child, _ in edges_of[node]:
                 if child is None:
                     continue
                 pending[child] = pending.get(child, 0) | mask
-                indegree[child] -= 1
-                if indegree[child] == 0:
+                left = indegree[child] - 1
+                indegree[child] = left
+                if not left:
                     ready.append(child)
 
     def of(self, tensors: Sequence[Tensor]) -> list[int]:
@@ -75,10 +78,6 @@ class GraphMasks:
             self._leaves.get(id(t), 0) if t.grad_fn is None else self.nodes.get(t.grad_fn, 0)
             for t in tensors
         ]
-
-
-def _inputs(node: object, stop: object | None) -> tuple:
-    return () if node is stop else node.next_functions  # type: ignore[attr-defined]
 
 
 def task_masks(roots: Sequence[object | None], params: Sequence[Tensor]) -> list[int]:

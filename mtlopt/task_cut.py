@@ -46,20 +46,23 @@ def find_cut(graph: GraphMasks) -> TaskCut | None:
             return None  # losses sharing a node (a 1-D tensor of losses) cannot be told apart
     target_index: dict[tuple[object, int], int] = {}
     feeders = []
-    for node, mask in graph.nodes.items():
-        task = single_task(mask)
-        if task is None:
+    nodes = graph.nodes
+    for node, mask in nodes.items():
+        if not mask or mask & (mask - 1):  # reached by no task or by several: not a head's
             continue
         edges = []
         for position, (child, output_nr) in enumerate(graph.edges[node]):
-            if child is None or single_task(graph.nodes[child]) is not None:
+            if child is None:
+                continue
+            reached = nodes[child]
+            if reached and not reached & (reached - 1):  # one task's own node: not the cut
                 continue
             if getattr(child, "variable", None) is not None:
                 return None  # a shared leaf used by one task's own op: no node to seed
             index = target_index.setdefault((child, output_nr), len(target_index))
             edges.append((position, index))
         if edges:
-            feeders.append((node, task, edges))
+            feeders.append((node, mask.bit_length() - 1, edges))
     targets = [GradientEdge(node, output_nr) for node, output_nr in target_index]
     return TaskCut(targets, feeders)
 
