@@ -67,7 +67,7 @@ def representation_backward(
     plans: list[GroupPlan],
     features: Tensor,
     retain_graph: bool,
-    workspace: RowsWorkspace | None = None,
+    workspace: RowsWorkspace,
 ) -> dict[int, GroupResult]:
     """The groups' updates, with the weightings run on the representation's Gramian.
 
@@ -75,7 +75,7 @@ def representation_backward(
     their per-task gradients combined as in the ordinary mode; the others get the backward
     pass of each group's ``d_z`` from the representation (None if it does not reach them).
     Only the graph above the representation is walked: the encoder's is left to autograd.
-    ``workspace``: where the one-pass path writes z's rows (a new one if None).
+    ``workspace``: where the one-pass path writes z's rows.
     """
     graph = GraphMasks(task_losses.roots, stop=features.grad_fn)
     params = list(dict.fromkeys(p for plan in plans for p in plan.params))
@@ -87,7 +87,6 @@ def representation_backward(
     cut = find_cut(graph) if task_losses.n_tasks > 1 else None
     if engine.chunk_size is None and single_pass_applies(cut, features, plans, masks):
         assert cut is not None  # applies() needs one
-        workspace = workspace or RowsWorkspace()
         return single_pass(cut, task_losses, plans, features, masks, retain_graph, workspace)
     with torch.enable_grad():
         blocks = engine.task_rows(

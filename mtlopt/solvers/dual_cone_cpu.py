@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .dual_cone import RIDGE
-from .min_norm import FACE_RIDGE, PIVOT_TOLERANCE, _pivoted
+from .min_norm import PIVOT_TOLERANCE, _face_solution, _pivoted
 
 
 def preference_projections_on_cpu(
@@ -68,19 +68,11 @@ def preference_projections_on_cpu(
 
 def _first_faces(quadratic: Tensor, linear: Tensor) -> tuple[list[list[float]] | None, Tensor]:
     """``min 1/2 x^T Q x + c^T x`` over ``x >= 0`` for each row ``c`` of ``linear``, when
-    the minimiser lies on the face ``{j : c_j < 0}`` (the face system as
-    :func:`mtlopt.solvers.min_norm._face_solution` builds it, the test as
-    :func:`mtlopt.solvers.min_norm._principal_pivoting` runs it), else None; and the
-    solutions on that face."""
-    m = quadratic.shape[0]
-    support = linear < 0
-    both = support.unsqueeze(-1) & support.unsqueeze(-2)
-    ridged = quadratic.clone()
-    ridged.diagonal().add_(FACE_RIDGE)
-    eye = torch.eye(m, dtype=quadratic.dtype)
-    block = torch.where(both, ridged, eye)  # a unit row pins x_j = 0 off the face
-    solved, _ = torch.linalg.solve_ex(block, torch.where(support, -linear, 0.0).unsqueeze(-1))
-    x = torch.where(support, solved.squeeze(-1), 0.0)
+    the minimiser lies on the face ``{j : c_j < 0}`` (solved by
+    :func:`mtlopt.solvers.min_norm._face_solution`, tested as
+    :func:`mtlopt.solvers.min_norm._principal_pivoting` tests, on the host), else None; and
+    the solutions on that face."""
+    x = _face_solution(quadratic, linear, linear < 0, False)
     slope = torch.addmm(linear, x, quadratic)
     x_rows, slope_rows, c_rows = torch.stack([x, slope, linear]).tolist()
     shifts = []

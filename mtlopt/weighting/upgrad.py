@@ -116,9 +116,9 @@ class _PreferenceProjection(Weighting):
     def weights_on_cpu(self, gramian: Tensor, each_task: bool) -> Tensor | None:
         """The weights in few operations on the CPU (:mod:`mtlopt.solvers.dual_cone_cpu`);
         None where the general path must run (another device, or the shortcut declined)."""
-        preference = self.preference_values(gramian.shape[0])
         if not (min_norm.PIVOT_ON_CPU and on_host(gramian)):
             return None  # off the CPU, or past 16 tasks: the batched tensor code is faster
+        preference = self.preference_values(gramian.shape[0])
         weights = preference_projections_on_cpu(
             gramian, preference, each_task, self.norm_eps, self.reg_eps
         )
