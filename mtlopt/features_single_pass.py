@@ -4,10 +4,11 @@ When the tasks' heads read ``z`` directly (the cut between task-only and shared 
 ``z`` itself) and one group at most has parameters below ``z``, the whole step is one
 ordinary backward pass of the losses, as in plain training:
 
-* hooks on the heads' nodes that feed ``z`` record each task's gradient of ``z`` and stop
-  it there (autograd does not sum them);
-* a pre-hook on ``z``'s node, which autograd runs once every head is done, stacks the rows,
-  runs the groups' weightings on their Gramian and hands ``d_z`` to the encoder;
+* hooks on the heads' nodes that feed ``z`` record each task's gradient of ``z`` (or, for
+  heads that read ``z`` through a matrix product, its two small factors:
+  :mod:`mtlopt.factored_rows`) and stop it there (autograd does not sum them);
+* a pre-hook on ``z``'s node, which autograd runs once every head is done, forms the
+  Gramian of the rows, runs the groups' weightings on it and hands ``d_z`` to the encoder;
 * the heads' parameters get their task's gradient and the encoder's get ``d_z``'s, from the
   same pass.
 
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .aggregation import GroupPlan, GroupResult, gramian, scale_gramian
+from .factored_rows import FactoredRows
 from .finiteness import all_finite, few_finite
 from .host_solve import wants_host_copy, weights_on
 from .jacobian import guarded
@@ -103,6 +105,26 @@ def head_update(grad: Tensor, task: int, scale: Tensor | None) -> Tensor:
     return grad if scale is None else grad * scale[task].to(grad.dtype)
 
 
+class MaterialisedRows:
+    """z's rows themselves, copied as they arrive into ``workspace``'s buffer, behind
+    :class:`mtlopt.factored_rows.FactoredRows`'s interface (for heads it does not serve)."""
+
+    def __init__(self, n_tasks: int, features: Tensor, workspace: RowsWorkspace) -> None:
+        self._crossing = CrossingRows(1, range(n_tasks))  # one target: z
+        self._crossing.fill(0, workspace.rows(n_tasks, features.detach()))
+        self.crossed = self._crossing.crossed
+        self._rows: Tensor | None = None
+
+    def gramian(self) -> Tensor:
+        self._rows = self._crossing.take(0)
+        assert self._rows is not None  # filled in before the backward
+        return gramian([self._rows])
+
+    def direction(self, weights: Tensor) -> Tensor:
+        assert self._rows is not None, "gramian() takes the rows first"
+        return combine(weights, self._rows)
+
+
 def single_pass(
     cut: TaskCut,
     task_losses: TaskLosses,
@@ -115,8 +137,9 @@ def single_pass(
     """The groups' updates from one backward pass (see the module's docstring). z's rows
     are written into ``workspace``'s buffer, which nothing returned refers to."""
     n_tasks = task_losses.n_tasks
-    crossing = CrossingRows(1, range(n_tasks))  # one target: z
-    crossing.fill(0, workspace.rows(n_tasks, features.detach()))
+    crossing = FactoredRows.for_cut(cut, features, n_tasks) or MaterialisedRows(
+        n_tasks, features, workspace
+    )
     below_plan = next((p for p in plans if any(id(q) not in above for q in p.params)), None)
     below = [] if below_plan is None else [p for p in below_plan.params if id(p) not in above]
     heads = list(dict.fromkeys(p for plan in plans for p in plan.params if id(p) in above))
@@ -129,9 +152,7 @@ def single_pass(
     z_diagonal: list[Tensor] = []  # set once z's rows are in
 
     def weigh_all() -> Tensor | None:
-        rows = crossing.take(0)
-        assert rows is not None  # z's node runs once some task's gradient reached it
-        z_gramian = gramian([rows])
+        z_gramian = crossing.gramian()
         z_diagonal.append(z_gramian.diagonal())
         # Free on the CPU; a GPU would wait, so there the check after the backward covers it.
         if reads_back(z_gramian) and not few_finite(z_diagonal[0]):
@@ -139,7 +160,7 @@ def single_pass(
         on_host = host_gramians(plans, z_gramian)
         for plan in plans:
             weighed[plan.index] = weigh(plan, z_gramian, task_losses.values, on_host)
-        return None if below_plan is None else combine(weighed[below_plan.index][2], rows)
+        return None if below_plan is None else crossing.direction(weighed[below_plan.index][2])
 
     def swap_in_direction(grad_outputs: tuple[Tensor | None, ...]) -> tuple:
         replaced = list(grad_outputs)

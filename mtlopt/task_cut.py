@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -37,6 +38,19 @@ class TaskCut:
     targets: list[GradientEdge]  #: the shared node outputs fed from across the cut
     #: (task-only node, its task, [(index into its next_functions, index into targets)])
     feeders: list[tuple[object, int, list[tuple[int, int]]]]
+
+
+class FactorSink(Protocol):
+    """What a feeder's hook hands its crossing to in place of :class:`CrossingRows`."""
+
+    def crossed(
+        self,
+        node: object,
+        task: int,
+        edges: list[tuple[int, int]],
+        grad_inputs: tuple[Tensor | None, ...],
+        grad_outputs: tuple,
+    ) -> None: ...
 
 
 def find_cut(graph: GraphMasks) -> TaskCut | None:
@@ -125,21 +139,21 @@ def backward_through_heads(
 
 def hold_crossings(
     cut: TaskCut,
-    rows: CrossingRows,
+    rows: CrossingRows | FactorSink,
     tasks: range,
     passing: tuple[object, int] | None = None,
 ) -> list:
-    """Hooks on the feeders of ``tasks``: each adds its task's gradient across the cut to
-    ``rows`` and stops it there (autograd need not sum the tasks' gradients at the target),
-    except on the edge ``passing`` (node, input position), whose gradient also goes on.
-    Returns the hooks' handles."""
+    """Hooks on the feeders of ``tasks``: each hands its task's crossing to ``rows`` (its
+    gradient across the cut, or what :class:`FactorSink` keeps instead) and stops the
+    gradient there (autograd need not sum the tasks' gradients at the target), except on
+    the edge ``passing`` (node, input position), whose gradient also goes on. Returns the
+    hooks' handles."""
 
     def recorder(node: object, task: int, edges: list[tuple[int, int]]):
-        def record(grad_inputs: tuple[Tensor | None, ...], _: object) -> tuple:
+        def record(grad_inputs: tuple[Tensor | None, ...], grad_outputs: tuple) -> tuple:
+            rows.crossed(node, task, edges, grad_inputs, grad_outputs)
             passed = list(grad_inputs)
-            for position, index in edges:
-                if grad_inputs[position] is not None:
-                    rows.add(index, task, grad_inputs[position])
+            for position, _ in edges:
                 if (node, position) != passing:
                     passed[position] = None
             return tuple(passed)
@@ -184,6 +198,19 @@ class CrossingRows:
         temporaries: representation mode hands over a buffer it keeps from step to step
         (:class:`mtlopt.workspace.RowsWorkspace`)."""
         self._rows[index] = rows
+
+    def crossed(
+        self,
+        node: object,
+        task: int,
+        edges: list[tuple[int, int]],
+        grad_inputs: tuple[Tensor | None, ...],
+        grad_outputs: tuple,
+    ) -> None:
+        """A feeder's hook: add each gradient it sends across the cut to its target's rows."""
+        for position, index in edges:
+            if grad_inputs[position] is not None:
+                self.add(index, task, grad_inputs[position])
 
     def add(self, index: int, task: int, grad: Tensor) -> None:
         rows = self._rows[index]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtlopt import MultiTaskOptimizer, host_solve
+from mtlopt import MultiTaskOptimizer, factored_rows, host_solve
 from mtlopt import features as features_module
 from mtlopt.features_single_pass import single_pass as one_pass
 from mtlopt.solvers import host_linalg
@@ -237,7 +237,14 @@ def passes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> N
         monkeypatch.setattr(features_module, "single_pass_applies", lambda *a: False)
 
 
-@pytest.mark.usefixtures("host_reads", "passes")
+@pytest.fixture(params=["factors", "materialised"])
+def z_rows(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """z's rows from the heads' factors (at any size), or materialised."""
+    monkeypatch.setattr(factored_rows, "ENABLED", request.param == "factors")
+    monkeypatch.setattr(factored_rows, "MIN_ROWS_ELEMENTS", 0)
+
+
+@pytest.mark.usefixtures("host_reads", "passes", "z_rows")
 def test_a_non_finite_gradient_below_the_representation_changes_nothing() -> None:
     net, opt = stateful_gradvac(3)
     before = snapshot(net, opt)
@@ -302,9 +309,31 @@ def test_non_finite_representation_gradients_change_nothing() -> None:
     assert_same(snapshot(net, opt), before)
 
 
+@pytest.mark.usefixtures("host_reads", "z_rows")
+def test_a_non_finite_head_output_gradient_changes_nothing() -> None:
+    """Task 1's loss has an infinite derivative at its head's output: the factors' Gramian
+    (or the rows') is not finite, and nothing moves."""
+    net, opt = stateful_gradvac(11)
+    before = snapshot(net, opt)
+    x, y = make_batch(12)
+    z = net.encoder(x)
+    outs = [h(z).squeeze(-1) for h in net.heads]
+    losses = [((o - y[:, t]) ** 2).mean() for t, o in enumerate(outs)]
+    losses[1] = losses[1] + torch.sqrt((outs[1] - outs[1].detach()).abs()).sum()
+    with pytest.raises(FloatingPointError, match="not finite"):
+        opt.step(losses, features=z)
+    assert_same(snapshot(net, opt), before)
+
+
+@pytest.mark.parametrize("factors", [True, False])
 @pytest.mark.parametrize("method", ["imtlg", "upgrad", "mgda", "cagrad", "nashmtl", "imtl"])
-def test_one_pass_and_two_passes_agree(method: str, monkeypatch) -> None:
-    """The one-pass path against the general one (itself checked against autograd loops)."""
+def test_one_pass_and_two_passes_agree(method: str, factors: bool, monkeypatch) -> None:
+    """The one-pass path against the general one (itself checked against autograd loops).
+    With z's rows materialised both paths run the same float32 operations; with the heads'
+    factors (:mod:`mtlopt.factored_rows`) d_z is one product of other float32 terms."""
+    monkeypatch.setattr(factored_rows, "ENABLED", factors)
+    monkeypatch.setattr(factored_rows, "MIN_ROWS_ELEMENTS", 0)  # a small model
+    rtol, atol = (1e-5, 1e-7) if factors else (1e-6, 1e-8)
     grads = []
     for one in (True, False):
         if not one:
@@ -320,7 +349,7 @@ def test_one_pass_and_two_passes_agree(method: str, monkeypatch) -> None:
     for a, b in zip(one_pass_grads, two_pass_grads):
         assert (a is None) == (b is None)
         if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("one_pass", [True, False])
@@ -358,11 +387,13 @@ def test_a_single_task_steps_like_its_plain_gradient(method: str) -> None:
         torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-8)
 
 
-def test_the_kept_rows_buffer_never_leaks_a_previous_step() -> None:
+def test_the_kept_rows_buffer_never_leaks_a_previous_step(monkeypatch) -> None:
     """On the CPU the one-pass path writes z's rows into a buffer the optimizer keeps from
     step to step (reallocated when the shape changes): each step must equal the same step
     taken by a fresh optimizer, including one where a task's head no longer reads z (its
-    row must be zeros, not the last step's)."""
+    row must be zeros, not the last step's). (Materialised rows: the heads' factors, which
+    need no buffer, are off.)"""
+    monkeypatch.setattr(factored_rows, "ENABLED", False)
     torch.manual_seed(9)
     net = Net()
     opt = MultiTaskOptimizer(torch.optim.SGD(net.parameters(), lr=0.0), weighting="mgda")
