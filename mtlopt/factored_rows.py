@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .nosync import upload
-from .task_cut import TaskCut
+from .task_cut import Crossing, TaskCut
 
 #: Take the factors where they apply (off, the materialised rows always serve; the tests
 #: compare the two).
@@ -102,20 +102,13 @@ class FactoredRows:
             return None
         return cls(features, n_tasks, factors)
 
-    def crossed(
-        self,
-        node: object,
-        task: int,
-        edges: list[tuple[int, int]],
-        grad_inputs: tuple[Tensor | None, ...],
-        grad_outputs: tuple,
-    ) -> None:
+    def crossed(self, crossing: Crossing) -> None:
         """A feeder's hook: keep the gradient of its output (``G``), not the one of ``z``."""
-        grad = grad_outputs[0]
+        grad = crossing.grad_outputs[0]
         if grad is None:
             return
-        factor, scale = self._factors[node]
-        self._crossings.append((task, grad if scale == 1.0 else grad * scale, factor))
+        factor, scale = self._factors[crossing.node]
+        self._crossings.append((crossing.task, grad if scale == 1.0 else grad * scale, factor))
 
     def gramian(self) -> Tensor:
         """The ``[m, m]`` float64 Gramian of the tasks' gradients of ``z`` (zero rows for the

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -40,17 +40,21 @@ class TaskCut:
     feeders: list[tuple[object, int, list[tuple[int, int]]]]
 
 
+class Crossing(NamedTuple):
+    """What a feeder's hook sees: the node, its task, its edges across the cut ((input
+    position, target index) pairs), and the node's gradients in and out."""
+
+    node: object
+    task: int
+    edges: list[tuple[int, int]]
+    grad_inputs: tuple[Tensor | None, ...]
+    grad_outputs: tuple
+
+
 class FactorSink(Protocol):
     """What a feeder's hook hands its crossing to in place of :class:`CrossingRows`."""
 
-    def crossed(
-        self,
-        node: object,
-        task: int,
-        edges: list[tuple[int, int]],
-        grad_inputs: tuple[Tensor | None, ...],
-        grad_outputs: tuple,
-    ) -> None: ...
+    def crossed(self, crossing: Crossing) -> None: ...
 
 
 def find_cut(graph: GraphMasks) -> TaskCut | None:
@@ -151,7 +155,7 @@ def hold_crossings(
 
     def recorder(node: object, task: int, edges: list[tuple[int, int]]):
         def record(grad_inputs: tuple[Tensor | None, ...], grad_outputs: tuple) -> tuple:
-            rows.crossed(node, task, edges, grad_inputs, grad_outputs)
+            rows.crossed(Crossing(node, task, edges, grad_inputs, grad_outputs))
             passed = list(grad_inputs)
             for position, _ in edges:
                 if (node, position) != passing:
@@ -199,18 +203,12 @@ class CrossingRows:
         (:class:`mtlopt.workspace.RowsWorkspace`)."""
         self._rows[index] = rows
 
-    def crossed(
-        self,
-        node: object,
-        task: int,
-        edges: list[tuple[int, int]],
-        grad_inputs: tuple[Tensor | None, ...],
-        grad_outputs: tuple,
-    ) -> None:
+    def crossed(self, crossing: Crossing) -> None:
         """A feeder's hook: add each gradient it sends across the cut to its target's rows."""
-        for position, index in edges:
-            if grad_inputs[position] is not None:
-                self.add(index, task, grad_inputs[position])
+        for position, index in crossing.edges:
+            grad = crossing.grad_inputs[position]
+            if grad is not None:
+                self.add(index, crossing.task, grad)
 
     def add(self, index: int, task: int, grad: Tensor) -> None:
         rows = self._rows[index]
