@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from mtlopt import MultiTaskOptimizer
+from mtlopt.solvers import host_linalg
 from mtlopt.weighting.dbmtl import DBMTL
 from mtlopt.weighting.famo import FAMO
 from mtlopt.weighting.gradnorm import GradNorm
@@ -165,10 +166,15 @@ def test_uw_reuses_its_precisions_only_for_the_same_losses_and_values(change):
     ],
     ids=["UW", "IMTLL"],
 )
-def test_learned_values_gradient_written_once_is_not_reused(make, weight, gradient):
+@pytest.mark.parametrize("host", [True, False], ids=["host-floats", "tensors"])
+def test_learned_values_gradient_written_once_is_not_reused(
+    make, weight, gradient, host, monkeypatch
+):
     """The values' gradient, computed with the loss weights before the backward pass, is
     handed to ``.grad`` once: changing ``.grad`` in place (clipping, say) leaves the weights
-    alone, and a second accumulation adds a fresh copy (checked against the formulas)."""
+    alone, and a second accumulation adds a fresh copy (checked against the formulas). On
+    the CPU the terms are computed on Python floats (``host_terms``), elsewhere as tensors."""
+    monkeypatch.setattr(host_linalg, "HOST_READS", host)
     w = make(n_tasks=M)
     with torch.no_grad():
         w.parameter.copy_(torch.tensor([0.3, -1.2, 2.0]))
@@ -183,6 +189,30 @@ def test_learned_values_gradient_written_once_is_not_reused(make, weight, gradie
     torch.testing.assert_close(w.loss_weights(losses), weights)
     w.accumulate_parameter_grads(losses)
     torch.testing.assert_close(w.parameter.grad, 1.5 * expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("make", [UW, IMTLL])
+def test_host_and_tensor_terms_agree_and_overflow_falls_back(make, monkeypatch):
+    """The Python-float terms against the tensor ones, to the last bit or one rounding of
+    exp; a value whose exponential overflows Python's math.exp takes the tensor path (inf,
+    as the tensors give)."""
+    terms = []
+    for host in (True, False):
+        monkeypatch.setattr(host_linalg, "HOST_READS", host)
+        w = make(n_tasks=5)
+        with torch.no_grad():
+            w.parameter.copy_(torch.tensor([0.3, -1.2, 2.0, 0.0, -7.5]))
+        losses = t64([0.5, 4.0, 0.01, 1.0, 3.0])
+        terms.append((w.loss_weights(losses), w.step_terms(losses)[1]))
+    (host_weights, host_grad), (weights, grad) = terms
+    torch.testing.assert_close(host_weights, weights, rtol=2.3e-16, atol=0)
+    torch.testing.assert_close(host_grad, grad, rtol=0, atol=0)
+    monkeypatch.setattr(host_linalg, "HOST_READS", True)
+    w = make(n_tasks=2)
+    with torch.no_grad():
+        w.parameter.copy_(torch.tensor([800.0 if make is IMTLL else -800.0, 0.0]))
+    weights = w.loss_weights(t64([1.0, 1.0]))
+    assert math.isinf(weights[0]) and weights[1] == 1.0
 
 
 def test_uw_end_to_end_trains_log_variances_with_the_base_optimizer():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -103,6 +105,12 @@ class IMTLL(LearnedPerTask):
     def terms(self, values: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         scales = values.exp()
         return scales, scales * losses - 1.0
+
+    def host_terms(
+        self, values: list[float], losses: list[float]
+    ) -> tuple[list[float], list[float]]:
+        scales = [math.exp(s) for s in values]
+        return scales, [c * loss - 1.0 for c, loss in zip(scales, losses)]
 
 
 class IMTL(IMTLL):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
 from .learned import LearnedPerTask
@@ -60,3 +62,9 @@ class UW(LearnedPerTask):
     def terms(self, values: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         precisions = values.neg().exp()
         return precisions, 1.0 - precisions * losses
+
+    def host_terms(
+        self, values: list[float], losses: list[float]
+    ) -> tuple[list[float], list[float]]:
+        precisions = [math.exp(-s) for s in values]
+        return precisions, [1.0 - c * loss for c, loss in zip(precisions, losses)]
