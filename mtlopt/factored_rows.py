@@ -15,17 +15,28 @@ without reading it (the trace identity ``<G_a A_a^T, G_b A_b^T> = sum((G_a^T G_b
 With ``K`` the heads' outputs in all, that is ``K^2 (B + d)`` multiply-adds for the Gramian
 and ``K B d`` for the direction, against ``m^2 B d`` for the Gramian of materialised rows
 and ``m B d`` each for the direction and for copying the rows as they arrive (memory-bound
-passes, the slower kind). The factors serve where their count is the smaller, which is
-the case of regression and classification heads with a few outputs each; a task with
-several products (a head reading ``z`` twice, two heads) has its terms summed. Any other
-head (whose operation on ``z`` is not a plain matrix product, or a ``z`` of more than two
-dimensions) keeps the materialised rows (:class:`mtlopt.task_cut.CrossingRows`).
+passes, the slower kind). A task with several products (a head reading ``z`` twice, two
+heads) has its terms summed.
 
-The Gramian is formed in float64 from the factors (more accurate than the float32 products
-of materialised rows); the direction is one product in ``z``'s dtype.
+The factors serve a step when every node that feeds ``z`` is such a product (``z`` as its
+first matrix, the other saved by autograd in ``z``'s dtype and device), ``z`` is a real
+2-D tensor, the rows would hold at least :data:`MIN_ROWS_ELEMENTS` entries and the count
+above is the smaller: the case of regression and classification heads with a few outputs
+each. Otherwise the step materialises the rows (:class:`mtlopt.task_cut.CrossingRows`).
+Each ``G`` is copied into one ``[B, K]`` buffer as its head hands it over (``B x k``
+numbers: no later in-place change of that gradient reaches the Gramian), and the Gramian
+is formed in float64 from the factors (more accurate than the float32 products of
+materialised rows); the direction is one product in ``z``'s dtype.
+
+Not seen: a hook registered on a head's own autograd node (``grad_fn.register_hook``, or
+the deprecated ``Module.register_backward_hook``) that changes the gradient it sends to
+``z``; the factors are those of the product itself. Hooks on tensors are seen. Set
+:data:`ENABLED` to False to materialise the rows instead.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -53,28 +64,35 @@ class FactoredRows:
     feeders' hook (see :func:`mtlopt.task_cut.hold_crossings`), :meth:`gramian` and
     :meth:`direction` read them once every head is done."""
 
-    def __init__(
-        self, features: Tensor, n_tasks: int, factors: dict[object, tuple[Tensor, float]]
-    ) -> None:
+    def __init__(self, features: Tensor, n_tasks: int, feeders: list[_Feeder]) -> None:
         self.n_tasks = n_tasks
         self._like = features.detach()  # z's shape, dtype and device (a zero direction)
-        self._factors = factors  # feeder node -> (A [d, k], alpha)
-        self._crossings: list[tuple[int, Tensor, Tensor]] = []  # (task, alpha G, A)
+        self._slots = {feeder.node: feeder for feeder in feeders}
+        self._factors = [feeder.factor for feeder in feeders]
+        #: The task of each column (feeders in task order, ``k`` columns each).
+        self._tasks = [feeder.task for feeder in feeders for _ in range(feeder.factor.shape[1])]
+        self._grads: Tensor | None = None  # [B, K]: each alpha G in its columns, once seen
         # After gramian(): all G side by side, all A side by side, and the task of each
-        # column (None when it is column t for task t).
+        # column on the device (None when column t is task t's).
         self._columns: tuple[Tensor, Tensor, Tensor | None] | None = None
 
     @classmethod
     def for_cut(cls, cut: TaskCut, features: Tensor, n_tasks: int) -> FactoredRows | None:
         """The factors of every feeder of ``z`` (the cut's one target), or None where a
         feeder is not a plain matrix product of ``z`` or the factors would cost more."""
-        if not ENABLED or features.dim() != 2 or features.layout != torch.strided:
+        if (
+            not ENABLED
+            or features.dim() != 2
+            or features.layout != torch.strided
+            or features.is_complex()
+        ):
             return None
         batch, width = features.shape
         if n_tasks * batch * width < MIN_ROWS_ELEMENTS:
             return None
-        factors: dict[object, tuple[Tensor, float]] = {}
-        for node, _, edges in cut.feeders:
+        feeders = []
+        columns = 0
+        for node, task, edges in sorted(cut.feeders, key=lambda feeder: feeder[1]):
             position = _PRODUCTS.get(type(node).__name__)
             if position is None or [p for p, _ in edges] != [position]:
                 return None
@@ -93,41 +111,50 @@ class FactoredRows:
                 and type(scale) in (int, float)
             ):
                 return None
-            factors[node] = (factor, float(scale))
+            # Detached: the factor is a view of the head's weight, and the Gramian must not
+            # carry a graph (it is weighed after the backward when nothing below z is).
+            k = factor.shape[1]
+            feeders.append(_Feeder(node, task, factor.detach(), float(scale), columns))
+            columns += k
         # Multiply-adds of the factors' Gramian and direction against the rows' Gramian,
         # direction and copy.
-        columns = sum(factor.shape[1] for factor, _ in factors.values())
         factored = columns * columns * (batch + width) + columns * batch * width
         if factored > (n_tasks + 2) * n_tasks * batch * width:
             return None
-        return cls(features, n_tasks, factors)
+        return cls(features, n_tasks, feeders)
 
     def crossed(self, crossing: Crossing) -> None:
-        """A feeder's hook: keep the gradient of its output (``G``), not the one of ``z``."""
+        """A feeder's hook: copy the gradient of its output (``G``, times ``alpha``) into its
+        columns; the gradient of ``z`` it computed is not read."""
         grad = crossing.grad_outputs[0]
         if grad is None:
             return
-        factor, scale = self._factors[crossing.node]
-        self._crossings.append((crossing.task, grad if scale == 1.0 else grad * scale, factor))
+        feeder = self._slots[crossing.node]
+        if self._grads is None:  # zeros: a feeder that never runs contributes nothing
+            self._grads = grad.new_zeros(grad.shape[0], len(self._tasks))
+        columns = self._grads[:, feeder.start : feeder.start + feeder.factor.shape[1]]
+        if feeder.scale == 1.0:
+            columns.copy_(grad)
+        else:
+            torch.mul(grad, feeder.scale, out=columns)
 
     def gramian(self) -> Tensor:
         """The ``[m, m]`` float64 Gramian of the tasks' gradients of ``z`` (zero rows for the
         tasks whose heads sent none)."""
         m = self.n_tasks
-        if not self._crossings:
+        grads = self._grads
+        if grads is None:
             return torch.zeros(m, m, dtype=torch.float64, device=self._like.device)
-        tasks = [task for task, grad, _ in self._crossings for _ in range(grad.shape[1])]
-        grads = torch.cat([grad for _, grad, _ in self._crossings], dim=1)  # [B, K]
-        factors = torch.cat([factor for _, _, factor in self._crossings], dim=1)  # [d, K]
+        factors = torch.cat(self._factors, dim=1)  # [d, K]
         grads64, factors64 = grads.double(), factors.double()
         products = (grads64.T @ grads64).mul_(factors64.T @ factors64)  # [K, K]
-        if tasks == list(range(m)):  # one column per task, in task order (the usual heads)
+        if self._tasks == list(range(m)):  # one column per task, in order (the usual heads)
             self._columns = (grads, factors, None)
             return products
-        owner = upload(torch.tensor(tasks), products.device)  # the task of each column
+        owner = upload(torch.tensor(self._tasks), products.device)
         self._columns = (grads, factors, owner)
-        owners = upload(torch.eye(m, dtype=torch.float64)[tasks], products.device)  # [K, m]
-        return owners.T @ products @ owners  # each task's columns summed
+        owners = upload(torch.eye(m, dtype=torch.float64)[self._tasks], products.device)
+        return owners.T @ products @ owners  # [m, m]: each task's columns summed
 
     def direction(self, weights: Tensor) -> Tensor:
         """``sum_t weights_t r_t``, ``z``'s gradient for the encoder (after :meth:`gramian`)."""
@@ -136,3 +163,14 @@ class FactoredRows:
         grads, factors, owner = self._columns
         coefficients = weights if owner is None else weights.index_select(0, owner)
         return (grads * coefficients.to(grads.dtype)) @ factors.T
+
+
+class _Feeder(NamedTuple):
+    """A head's product node that reads ``z``: its task, its saved factor ``A`` (detached),
+    its scale ``alpha`` and its first column among all the heads'."""
+
+    node: object
+    task: int
+    factor: Tensor
+    scale: float
+    start: int

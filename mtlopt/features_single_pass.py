@@ -135,13 +135,18 @@ def single_pass(
     workspace: RowsWorkspace,
 ) -> dict[int, GroupResult]:
     """The groups' updates from one backward pass (see the module's docstring). z's rows
-    are written into ``workspace``'s buffer, which nothing returned refers to."""
+    come as the heads' factors, or are written into ``workspace``'s buffer; nothing
+    returned refers to either."""
     n_tasks = task_losses.n_tasks
-    crossing = FactoredRows.for_cut(cut, features, n_tasks) or MaterialisedRows(
-        n_tasks, features, workspace
-    )
+    factored = FactoredRows.for_cut(cut, features, n_tasks)
+    if factored is not None:
+        workspace.release()  # no rows this step: hold no buffer for them
+    crossing = factored or MaterialisedRows(n_tasks, features, workspace)
     below_plan = next((p for p in plans if any(id(q) not in above for q in p.params)), None)
     below = [] if below_plan is None else [p for p in below_plan.params if id(p) not in above]
+    # With nothing below z to differentiate, autograd would not compute the heads'
+    # gradients of z at all: ask for z's own (unused) so that its rows exist.
+    wanted = [*below] if below or factored is not None else [features]
     heads = list(dict.fromkeys(p for plan in plans for p in plan.params if id(p) in above))
     saved = [(plan.weighting, snapshot(plan.weighting.state_dict())) for plan in plans]
     weighed: dict[int, tuple[Tensor, Tensor | None, Tensor]] = {}
@@ -174,7 +179,7 @@ def single_pass(
         with torch.enable_grad():
             grads = guarded(
                 torch.autograd.grad,
-                output, [*heads, *below], torch.ones_like(output),
+                output, [*heads, *wanted], torch.ones_like(output),
                 retain_graph=retain_graph, allow_unused=True,
             )  # fmt: skip
         if not weighed:  # nothing below z was differentiated: z's node did not run

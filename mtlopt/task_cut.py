@@ -51,8 +51,9 @@ class Crossing(NamedTuple):
     grad_outputs: tuple
 
 
-class FactorSink(Protocol):
-    """What a feeder's hook hands its crossing to in place of :class:`CrossingRows`."""
+class CrossingSink(Protocol):
+    """What a feeder's hook hands its crossing to: :class:`CrossingRows`, or
+    :class:`mtlopt.factored_rows.FactoredRows`."""
 
     def crossed(self, crossing: Crossing) -> None: ...
 
@@ -143,12 +144,12 @@ def backward_through_heads(
 
 def hold_crossings(
     cut: TaskCut,
-    rows: CrossingRows | FactorSink,
+    rows: CrossingSink,
     tasks: range,
     passing: tuple[object, int] | None = None,
 ) -> list:
     """Hooks on the feeders of ``tasks``: each hands its task's crossing to ``rows`` (its
-    gradient across the cut, or what :class:`FactorSink` keeps instead) and stops the
+    gradient across the cut, or what :class:`CrossingSink` keeps instead) and stops the
     gradient there (autograd need not sum the tasks' gradients at the target), except on
     the edge ``passing`` (node, input position), whose gradient also goes on. Returns the
     hooks' handles."""

@@ -32,3 +32,7 @@ class RowsWorkspace:
             self._buffer = None  # free the old one before allocating its successor
             buffer = self._buffer = like.new_empty(shape)
         return buffer
+
+    def release(self) -> None:
+        """Drop the kept buffer (a step that needs no rows: the heads' factors serve)."""
+        self._buffer = None

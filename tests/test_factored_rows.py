@@ -10,6 +10,7 @@ from torch import nn
 from mtlopt import MultiTaskOptimizer, factored_rows
 from mtlopt import features_single_pass as single_pass_module
 from mtlopt.reachability import GraphMasks
+from mtlopt.solvers import host_linalg
 from mtlopt.task_cut import find_cut
 from mtlopt.weighting import MGDA, UPGrad
 
@@ -172,3 +173,87 @@ def test_small_rows_keep_the_materialised_rows(monkeypatch: pytest.MonkeyPatch) 
     assert factors_for(z, [nn.Linear(8, 1) for _ in range(2)]) is None
     monkeypatch.setattr(factored_rows, "MIN_ROWS_ELEMENTS", 2 * 4 * 8)
     assert factors_for(z, [nn.Linear(8, 1) for _ in range(2)]) is not None
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["factors", "materialised"])
+@pytest.mark.parametrize("host_reads", [True, False], ids=["cpu-reads", "device-code"])
+def test_an_optimizer_of_the_heads_alone_weighs_the_true_gramian(
+    enabled: bool, host_reads: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing below z is differentiated (the encoder is not in the optimizer): the
+    weighting still sees the heads' gradients of z, and no graph (a Gramian that required
+    grad broke GradVac's state copy on its second step)."""
+    monkeypatch.setattr(factored_rows, "ENABLED", enabled)
+    monkeypatch.setattr(host_linalg, "HOST_READS", host_reads)
+    torch.manual_seed(6)
+    net = Heads("linear")
+    opt = MultiTaskOptimizer(torch.optim.SGD(net.heads.parameters(), lr=0.1), weighting="gradvac")
+    for seed in range(2):
+        z, losses = net(*batch(seed))
+        gram = reference_gramian(losses, z)
+        opt.step(losses, features=z)
+        opt.zero_grad()
+        result = opt.last_step[0]
+        assert not result.gramian.requires_grad and not result.weights.requires_grad
+        torch.testing.assert_close(result.gramian, gram, rtol=1e-5, atol=1e-9)
+
+
+class ZeroesItsGradient(torch.autograd.Function):
+    """The identity, whose backward overwrites its incoming gradient in place."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.mul_(0.0)
+
+
+def test_a_head_gradient_changed_in_place_later_does_not_reach_the_gramian() -> None:
+    """addmm(C, z, W^T) with a full-shape C hands its output's gradient G itself to C's
+    branch, where a backward may change it in place: the Gramian uses G as it was."""
+    torch.manual_seed(7)
+    net = Heads("linear")
+    shift = nn.Parameter(torch.zeros(64, 1))
+    opt = MultiTaskOptimizer(
+        torch.optim.SGD([*net.parameters(), shift], lr=0.0), weighting=UPGrad()
+    )
+    x, y = batch(4)
+    z = net.encoder(x)
+    outs = [head(z) for head in net.heads]
+    outs[1] = torch.addmm(ZeroesItsGradient.apply(shift), z, net.heads[1].weight.T)
+    losses = [((out.sum(1) - y[:, t]) ** 2).mean() for t, out in enumerate(outs)]
+    gram = reference_gramian(losses, z)
+    opt.step(losses, features=z)
+    torch.testing.assert_close(opt.last_step[0].gramian, gram, rtol=1e-5, atol=1e-9)
+
+
+def test_a_float64_model_gets_float64_accuracy() -> None:
+    torch.manual_seed(8)
+    net = Heads("wide").double()
+    opt = MultiTaskOptimizer(torch.optim.SGD(net.parameters(), lr=0.0), weighting=MGDA())
+    x, y = batch(5)
+    z, losses = net(x.double(), y.double())
+    gram = reference_gramian(losses, z)
+    opt.step(losses, features=z)
+    torch.testing.assert_close(opt.last_step[0].gramian, gram, rtol=1e-12, atol=1e-15)
+
+
+def test_a_complex_representation_keeps_the_materialised_rows() -> None:
+    z = torch.randn(4, 8, dtype=torch.complex64, requires_grad=True) * 1.0
+    heads = [nn.Linear(8, 1, dtype=torch.complex64) for _ in range(2)]
+    assert factors_for(z, heads) is None
+
+
+def test_the_kept_rows_buffer_is_released_while_the_factors_serve() -> None:
+    torch.manual_seed(9)
+    net = Heads("mixed")  # task 2 reads z elementwise: the rows are materialised
+    opt = MultiTaskOptimizer(torch.optim.SGD(net.parameters(), lr=0.0), weighting=MGDA())
+    z, losses = net(*batch(6))
+    opt.step(losses, features=z)
+    assert opt._rows_workspace._buffer is not None
+    net.kind = "linear"
+    z, losses = net(*batch(7))
+    opt.step(losses, features=z)
+    assert opt._rows_workspace._buffer is None
