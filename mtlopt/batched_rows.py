@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -36,3 +36,24 @@ def run_chunked(
             if block is not None and part is not None:
                 block[start : start + part.shape[0]].copy_(part)
     return blocks
+
+
+def seeded_vjp(
+    outputs: Sequence[Tensor] | Sequence[object],
+    cotangents: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    chunk_size: int | None,
+    keep: bool,
+) -> Blocks:
+    """``[r, *x.shape]`` per input: row k is the backward of ``outputs`` (tensors or
+    gradient edges) seeded with row k of each cotangent, ``chunk_size`` rows at a time."""
+
+    def vjp_for(retain: bool, rows: slice):
+        def vjp(*seeds: Tensor) -> tuple[Tensor | None, ...]:
+            return torch.autograd.grad(
+                outputs, inputs, seeds, retain_graph=retain, materialize_grads=True
+            )
+
+        return vjp
+
+    return run_chunked(vjp_for, list(cotangents), chunk_size, keep)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
-from .batched_rows import run_chunked
+from .batched_rows import run_chunked, seeded_vjp
 
 
 def handed_seed_vjp(
@@ -34,6 +34,14 @@ def handed_seed_vjp(
 
     ``held`` is owned by this call: its entries are set to None once every row was read.
     """
+    on_edges = {(edge.node, edge.output_nr) for edge in edges}
+    if any(x.grad_fn is not None and (x.grad_fn, x.output_nr) in on_edges for x in inputs):
+        # Autograd reads the gradient of an input that is an edge's own tensor (the
+        # representation, in representation mode) before that node's pre-hooks run: it would
+        # miss its rows. Such a call takes the rows as seeds.
+        rows = [r for r in held if r is not None]
+        held[:] = [None] * len(held)
+        return seeded_vjp(list(edges), rows, inputs, chunk_size, keep)
     n_rows = held[0].shape[0]  # type: ignore[union-attr]
     dummies = [
         torch.zeros((), dtype=rows.dtype, device=rows.device).expand(rows.shape[1:])  # type: ignore[union-attr]

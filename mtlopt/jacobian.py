@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
-from .batched_rows import Blocks, run_chunked
+from .batched_rows import Blocks, seeded_vjp
 from .chunked_cut import cut_rows_in_chunks
 from .handed_seeds import handed_seed_vjp
 from .reachability import GraphMasks, single_task, task_masks
@@ -201,7 +201,7 @@ class JacobianEngine:
         keep = retain_graph or self.mode == "auto"
         try:
             if regenerate is None:
-                blocks = _batched_vjp(outputs, cotangents, inputs, self.chunk_size, keep)
+                blocks = seeded_vjp(outputs, cotangents, inputs, self.chunk_size, keep)
             else:
                 blocks = handed_seed_vjp(
                     outputs,
@@ -266,24 +266,6 @@ def _graph_freed(error: Exception) -> bool:
     return isinstance(error, RuntimeError) and (
         "backward through the graph a second time" in text or "have already been freed" in text
     )
-
-
-def _batched_vjp(
-    outputs: Outputs,
-    cotangents: Sequence[Tensor],
-    inputs: Sequence[Tensor],
-    chunk_size: int | None,
-    keep: bool,
-) -> Blocks:
-    def vjp_for(retain: bool, rows: slice):
-        def vjp(*seeds: Tensor) -> tuple[Tensor | None, ...]:
-            return torch.autograd.grad(
-                outputs, inputs, seeds, retain_graph=retain, materialize_grads=True
-            )
-
-        return vjp
-
-    return run_chunked(vjp_for, list(cotangents), chunk_size, keep)
 
 
 def _loop_vjp(

@@ -429,3 +429,33 @@ def test_the_kept_rows_buffer_never_leaks_a_previous_step(monkeypatch) -> None:
                 torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
     assert buffers[0] is buffers[1]  # kept while the shape stays
     assert buffers[2].shape[1] == 8 and buffers[3].shape[1] == 16
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_a_weight_two_heads_share_as_a_non_leaf_still_weighs_z_rows(chunk_size) -> None:
+    """Two tasks read z through one non-leaf weight (W = 2 P): the cut has two targets, z
+    and W, and z's rows come from the batched backward seeded at both. Autograd reads z's
+    gradient before z's node's pre-hooks run, so z's rows must go in as seeds, not be
+    swapped in by a hook (they were read as zeros: a zero Gramian, no encoder gradient)."""
+    torch.manual_seed(10)
+    encoder = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh())
+    shared_weight = torch.nn.Parameter(torch.randn(16, 3) * 0.1)
+    head = torch.nn.Linear(16, 3)
+    params = [*encoder.parameters(), shared_weight, *head.parameters()]
+    opt = MultiTaskOptimizer(
+        torch.optim.SGD(params, lr=0.0), weighting=UPGrad(), chunk_size=chunk_size
+    )
+    x, y = torch.randn(32, 5), torch.randn(32, 3)
+    z = encoder(x)
+    tied = shared_weight * 2
+    outs = [z @ tied, (z @ tied).pow(2), head(z)]
+    losses = [((o.sum(1) - y[:, t]) ** 2).mean() for t, o in enumerate(outs)]
+    rows = per_task_grads(losses, [z])
+    gram = z_gramian(losses, z)
+    weights = UPGrad().weights_from_gramian(gram, torch.ones(3, dtype=torch.float64))
+    d_z = combined(rows, weights, 0).float()
+    expected = torch.autograd.grad(z, list(encoder.parameters()), d_z, retain_graph=True)
+    opt.step(losses, features=z)
+    torch.testing.assert_close(opt.last_step[0].gramian, gram, rtol=1e-5, atol=1e-9)
+    for p, g in zip(encoder.parameters(), expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
