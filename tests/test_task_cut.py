@@ -14,8 +14,9 @@ from torch import Tensor, nn
 
 from mtlopt import MultiTaskOptimizer
 from mtlopt import jacobian as jacobian_module
+from mtlopt.batched_rows import seeded_vjp
 from mtlopt.handed_seeds import handed_seed_vjp
-from mtlopt.jacobian import JacobianEngine, _batched_vjp
+from mtlopt.jacobian import JacobianEngine
 from mtlopt.losses import prepare_losses
 from mtlopt.reachability import GraphMasks, single_task
 from mtlopt.task_cut import CrossingRows, backward_through_heads, find_cut
@@ -263,7 +264,7 @@ def test_handed_seeds_match_passed_rows_and_are_released(
     shared = [p for p, mask in zip(params, graph.of(params)) if single_task(mask) is None]
     _, targets, seeds = backward_through_heads(cut, task_losses.output, [], M)
     assert len(targets) == 2
-    want = _batched_vjp(targets, seeds, shared, chunk_size, True)
+    want = seeded_vjp(targets, seeds, shared, chunk_size, True)
     held = [rows.clone() for rows in seeds]
     got = handed_seed_vjp(targets, held, shared, chunk_size, True)
     assert held == [None, None]
