@@ -146,7 +146,7 @@ def single_pass(
     below = [] if below_plan is None else [p for p in below_plan.params if id(p) not in above]
     # With nothing below z to differentiate, autograd would not compute the heads'
     # gradients of z at all: ask for z's own (unused) so that its rows exist.
-    wanted = [*below] if below or factored is not None else [features]
+    wanted = below if below or factored is not None else [features]
     heads = list(dict.fromkeys(p for plan in plans for p in plan.params if id(p) in above))
     saved = [(plan.weighting, snapshot(plan.weighting.state_dict())) for plan in plans]
     weighed: dict[int, tuple[Tensor, Tensor | None, Tensor]] = {}

@@ -39,9 +39,9 @@ def handed_seed_vjp(
         # Autograd reads the gradient of an input that is an edge's own tensor (the
         # representation, in representation mode) before that node's pre-hooks run: it would
         # miss its rows. Such a call takes the rows as seeds.
-        rows = [r for r in held if r is not None]
+        rows = list(held)  # every entry is set on entry: one per edge, in order
         held[:] = [None] * len(held)
-        return seeded_vjp(list(edges), rows, inputs, chunk_size, keep)
+        return seeded_vjp(list(edges), rows, inputs, chunk_size, keep)  # type: ignore[arg-type]
     n_rows = held[0].shape[0]  # type: ignore[union-attr]
     dummies = [
         torch.zeros((), dtype=rows.dtype, device=rows.device).expand(rows.shape[1:])  # type: ignore[union-attr]
