@@ -58,22 +58,28 @@ def round_robin(
     clock: Callable[[], float] = time.perf_counter,
     burst_s: float = 0.0,
     max_burst: int = MAX_BURST,
+    reference: Key | None = None,
 ) -> RoundRobin:
     """Step every contender once per round, in a fresh random order each round, so that drift
     and neighbours hit all alike. After ``warmup`` untimed rounds, stop after ``repeats``
     rounds, or after ``min_repeats`` once ``budget_s`` seconds have passed. ``clock`` reads
     the step's duration (wall time by default; the budget is always wall time).
 
-    ``burst_s``: within its turn, a contender keeps stepping (each step timed on its own)
-    until its steps add up to ``burst_s`` seconds or ``max_burst`` steps. A 5 ms step then
-    gives several samples a round, and most of them follow a step of its own, as in a
-    training loop, rather than another contender's. In a trial on the 2-core benchmark
-    machine (16 contenders, MLP at m = 10) the Mean/plain ratio read 1.062-1.067 in three
-    runs with 20 ms bursts and 1.01-1.22 in four with one step a round; full harness runs
-    still differ by a few percent from one to the next. A step longer than ``burst_s`` is
-    taken once a round, as without bursts."""
+    ``burst_s``: within its turn, a contender takes several steps in a row, each timed, so
+    that most samples follow a step of its own, as in a training loop. How many is fixed
+    after the warm-up rounds (which step until ``burst_s`` seconds or ``max_burst`` steps):
+    as many as fit in ``burst_s``, one at least, ``max_burst`` at most
+    (:func:`burst_counts`). Every contender within :data:`COMPARABLE` times the
+    ``reference``'s step takes the reference's count, so that the steps compared sit at the
+    same positions in their bursts: the first steps of a burst run with colder caches (on
+    the MLP at m = 10 the first takes 1.3x the fifth), and a count set by time gave a
+    contender a few percent slower than the plain step one warm step fewer, which raised
+    its median by a few percent. Without warm-up rounds the bursts are set by time.
+    A step longer than ``burst_s`` is taken once a round."""
     sync = synchronizer(device)
     result = RoundRobin(samples={c.key: [] for c in contenders})
+    warm: dict[Key, list[float]] = {c.key: [] for c in contenders}
+    counts: dict[Key, int] = {}
     alive = list(contenders)
     order = random.Random(seed)
     started = time.perf_counter()
@@ -81,6 +87,8 @@ def round_robin(
         timed = round_index >= warmup
         if round_index == warmup:
             started = time.perf_counter()
+            if warmup:
+                counts = burst_counts(warm, burst_s, max_burst, reference)
         elif round_index - warmup >= min_repeats and time.perf_counter() - started > budget_s:
             break
         order.shuffle(alive)
@@ -88,9 +96,10 @@ def round_robin(
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always" if round_index == 0 else "ignore")
                 try:
-                    elapsed = _burst(
-                        contender.step, sync, clock, burst_s if timed else 0.0, max_burst
-                    )
+                    if contender.key in counts:
+                        elapsed = _steps(contender.step, sync, clock, counts[contender.key])
+                    else:
+                        elapsed = _burst(contender.step, sync, clock, burst_s, max_burst)
                 except Exception as error:  # noqa: BLE001 - one broken contender: note, go on
                     result.failures[contender.key] = f"{type(error).__name__}: {error}"
                     result.samples.pop(contender.key, None)
@@ -98,10 +107,41 @@ def round_robin(
                     continue
             if caught and contender.key not in result.warnings:
                 result.warnings[contender.key] = str(caught[0].message).splitlines()[0]
-            if timed:
-                result.samples[contender.key].extend(elapsed)
+            (result.samples if timed else warm)[contender.key].extend(elapsed)
         result.rounds = max(0, round_index + 1 - warmup)
     return result
+
+
+#: Contenders whose warm step is at most this many times the reference's take its burst count.
+COMPARABLE = 3.0
+
+
+def burst_counts(
+    warm: dict[Key, list[float]], burst_s: float, max_burst: int, reference: Key | None
+) -> dict[Key, int]:
+    """Steps per burst for each contender, from its warm-up step times (the very first step,
+    which builds state, left out where there are others): as many as fit in ``burst_s``,
+    between 1 and ``max_burst``; the ``reference``'s count for every contender within
+    :data:`COMPARABLE` times the reference's step."""
+
+    def fitting(seconds: float) -> int:
+        if burst_s <= 0 or seconds <= 0:
+            return 1
+        return max(1, min(max_burst, int(burst_s / seconds + 1e-9)))
+
+    times = {key: statistics.median(d[1:] or d) for key, d in warm.items() if d}
+    counts = {key: fitting(seconds) for key, seconds in times.items()}
+    if reference in times:
+        for key, seconds in times.items():
+            if seconds <= COMPARABLE * times[reference]:
+                counts[key] = counts[reference]
+    return counts
+
+
+def _steps(
+    step: Callable[[], None], sync: Callable[[], None], clock: Callable[[], float], count: int
+) -> list[float]:
+    return [_timed(step, sync, clock) for _ in range(count)]
 
 
 def _burst(

@@ -67,6 +67,7 @@ import torch
 from benchmarks import report
 from benchmarks.contenders import build_contenders, has_representation_mode, mtlopt
 from benchmarks.measure import (
+    COMPARABLE,
     MAX_BURST,
     WeightingInput,
     mtlopt_weighting_call,
@@ -190,7 +191,7 @@ def measure_config(
     notes.extend(f"{where}: {note}" for note in build_notes)
     timing = round_robin(
         contenders, device, args.warmup, args.repeats, args.min_repeats, args.budget, args.seed,
-        clock=CLOCKS[args.clock], burst_s=args.burst,
+        clock=CLOCKS[args.clock], burst_s=args.burst, reference=("", "plain"),
     )  # fmt: skip
     for (method, kind), error in timing.failures.items():
         notes.append(f"{where}: {kind} {method} failed and was dropped: {error}")
@@ -262,8 +263,11 @@ def _burst_text(burst_s: float) -> str:
     if burst_s <= 0:
         return "One timed step per contender and round. "
     return (
-        f"Per round, each contender steps until its steps add up to {burst_s * 1e3:.0f} ms "
-        f"({MAX_BURST} steps at most), each step timed; the median is over all these steps. "
+        f"Per round, each contender takes a burst of steps, each timed: as many as fit in "
+        f"{burst_s * 1e3:.0f} ms ({MAX_BURST} at most), counted from its warm-up steps, and "
+        f"the plain step's count for every contender within {COMPARABLE:g}x the plain step "
+        "(the compared steps then sit at the same positions in their bursts, the first ones "
+        "running with colder caches); the median is over all these steps. "
     )
 
 

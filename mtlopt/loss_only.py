@@ -6,11 +6,17 @@ which autograd accumulates into ``.grad`` exactly as ``loss.backward()`` does (n
 bookkeeping per tensor). It is taken only while no parameter has a ``.grad`` yet (after
 ``zero_grad()``, the usual case), so that a non-finite result is undone exactly by setting
 the gradients back to None.
+
+:func:`sole_group_backward` is the same step for the usual case (one param group, a list of
+0-d losses) with the least Python work: on a small model the bookkeeping of the general path
+(plans, rows, results) costs about as much as the few operations themselves. It only
+recognises that case; anything else, bad input included, goes to the general path, which
+names the problem.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -18,7 +24,8 @@ from torch import Tensor
 from .aggregation import GroupPlan, GroupResult
 from .finiteness import all_finite
 from .jacobian import guarded
-from .losses import NonFiniteError, TaskLosses
+from .losses import NonFiniteError, TaskLosses, check_finite_values
+from .weighting.base import Weighting
 
 
 def applies(plans: list[GroupPlan]) -> bool:
@@ -63,20 +70,83 @@ def backward_into_grad(
     """Run the backward; raise NonFiniteError (with every ``.grad`` None again) if a
     gradient is not finite."""
     params = [p for plan in plans for p in plan.params]
-    output = task_losses.output
-    weights = plans[0].loss_weights.to(device=output.device, dtype=output.dtype)
+    _into_grad(task_losses.output, plans[0].loss_weights, params, retain_graph)
+    # The gradients are in .grad already: the results carry no updates to write.
+    return {plan.index: GroupResult(updates=[], weights=plan.loss_weights) for plan in plans}
+
+
+class SoleGroupStep(NamedTuple):
+    """What :func:`sole_group_backward` did: the loss values (float64, checked finite) and the
+    loss weights it applied."""
+
+    values: Tensor
+    weights: Tensor
+
+
+def stacked_scalars(losses: object) -> Tensor | None:
+    """``torch.stack(losses)`` for a non-empty list or tuple of 0-d floating-point tensors of
+    one dtype and device that require grad; None for anything else (the general path then
+    validates ``losses`` and names what is wrong)."""
+    if not (type(losses) is list or type(losses) is tuple) or not losses:
+        return None
+    first = losses[0]
+    if not isinstance(first, Tensor) or not first.is_floating_point():
+        return None
+    dtype = first.dtype
+    for loss in losses:
+        if not (
+            isinstance(loss, Tensor)
+            and loss.dtype is dtype
+            and loss.requires_grad
+            and loss.dim() == 0
+        ):
+            return None
+    try:
+        with torch.enable_grad():
+            return torch.stack(losses)
+    except RuntimeError:  # losses on several devices
+        return None
+
+
+def sole_group_backward(
+    group: dict[str, Any], output: Tensor, retain_graph: bool
+) -> SoleGroupStep | None:
+    """The loss-only step of the optimizer's only param group, as :func:`backward_into_grad`,
+    for ``output`` from :func:`stacked_scalars`.
+
+    Returns None, with nothing touched, where the general path must run (a parameter with a
+    ``.grad`` already, no trainable parameter, a weighting that returns no weights of the
+    losses' shape). Raises what the general path raises at the same point: NonFiniteError for
+    non-finite losses (before anything moves) or gradients (with ``.grad`` None again), and
+    ``check_n_tasks``'s ValueError.
+    """
+    weighting: Weighting = group["weighting"]
+    values = output.detach().double()
+    check_finite_values(values)
+    weighting.check_n_tasks(output.shape[0])
+    params = [p for p in group["params"] if p.requires_grad]
+    if not params or any(p.grad is not None for p in params):
+        return None
+    weights = weighting.loss_weights(values)
+    if not isinstance(weights, Tensor) or weights.shape != values.shape:
+        return None
+    _into_grad(output, weights, params, retain_graph)
+    return SoleGroupStep(values, weights)
+
+
+def _into_grad(output: Tensor, weights: Tensor, params: list[Tensor], retain_graph: bool) -> None:
+    """Accumulate the gradient of ``weights . output`` into the (None) ``.grad`` of
+    ``params``; raise NonFiniteError, with every ``.grad`` None again, if it is not finite."""
+    weights = weights.to(device=output.device, dtype=output.dtype)
     with torch.enable_grad():
         guarded(_backward, output, weights, params, retain_graph)
-    grads = [p.grad for p in params if p.grad is not None]
-    if not all_finite(grads):
+    if not all_finite([p.grad for p in params if p.grad is not None]):
         for p in params:
             p.grad = None
         raise NonFiniteError(
             "losses: the gradients of the loss-weighted sum are not finite (nan or inf); "
             "nothing was changed"
         )
-    # The gradients are in .grad already: the results carry no updates to write.
-    return {plan.index: GroupResult(updates=[], weights=plan.loss_weights) for plan in plans}
 
 
 def _backward(output: Tensor, weights: Tensor, params: list[Tensor], retain_graph: bool) -> None:

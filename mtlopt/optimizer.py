@@ -320,12 +320,50 @@ class MultiTaskOptimizer(Optimizer):
         parameter, gradient or state changes.
         """
         scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        if scaler is None and features is None and not extra_batches:
+            committed = self._sole_group_backward(losses, retain_graph)
+            if committed is not None:
+                return committed
         task_losses = prepare_losses(losses, check_finite=False)
         extra = [prepare_losses(batch, check_finite=False) for batch in extra_batches]
         # Called inside an autocast region (Lightning's bf16-mixed runs training_step in
         # one), the weightings' products would run in half precision: they must not.
         with _autocast_off(task_losses.output.device.type):
             return self._backward(task_losses, extra, retain_graph, scaler, features)
+
+    def _sole_group_backward(self, losses: object, retain_graph: bool) -> bool | None:
+        """The usual loss-only step (one param group whose weighting reads the losses alone
+        and one batch, a list of 0-d losses, no ``.grad`` yet, no autocast, no DDP) with the
+        least work; None, with nothing touched, where the general path must run (see
+        :mod:`mtlopt.loss_only`)."""
+        if self._process_group is not None or _any_autocast():
+            return None
+        found = None
+        for index, group in enumerate(self.param_groups):
+            if not _is_internal(group):
+                if found is not None:
+                    return None
+                found = (index, group)
+        if found is None:
+            return None
+        index, group = found
+        weighting = group["weighting"]
+        if weighting.needs != "losses" or weighting.n_batches != 1:
+            return None
+        output = loss_only.stacked_scalars(losses)
+        if output is None:
+            return None
+        try:
+            done = loss_only.sole_group_backward(group, output, retain_graph)
+        except NonFiniteError as error:
+            return self._skip_non_finite(error, None)
+        if done is None:
+            return None
+        results = {index: GroupResult(updates=[], weights=done.weights)}
+        with torch.no_grad():
+            self._after_commit([weighting], results, done.values, output.device, None)
+        self._skip_pending = False
+        return True
 
     def _backward(
         self,
@@ -496,15 +534,29 @@ class MultiTaskOptimizer(Optimizer):
             # last_step is for logging: holding the updates would keep this step's gradients
             # alive after zero_grad(), next to the next step's (n more floats at its peak).
             result.updates = []
-        device = task_losses.output.device
-        for plan in plans:
-            weighting = plan.weighting
-            if weighting.ensure_parameters(task_losses.n_tasks):
+        weightings = [plan.weighting for plan in plans]
+        self._after_commit(
+            weightings, results, task_losses.values, task_losses.output.device, scale
+        )
+
+    def _after_commit(
+        self,
+        weightings: list[Weighting],
+        results: dict[int, GroupResult],
+        values: Tensor,
+        device: torch.device,
+        scale: Tensor | None,
+    ) -> None:
+        """With ``.grad`` written: the weightings' own gradients and their view of the step's
+        loss ``values``, then ``last_step`` and the stats hooks."""
+        n_tasks = values.shape[0]
+        for weighting in weightings:
+            if weighting.ensure_parameters(n_tasks):
                 self._register_learnable(weighting)
             if weighting.learnable_parameters():
                 self._place_learnable(weighting, device)
-                self._accumulate_learnable(weighting, task_losses.values, scale)
-            weighting.observe(task_losses.values, after_step=False)
+                self._accumulate_learnable(weighting, values, scale)
+            weighting.observe(values, after_step=False)
         self.last_step = results
         for hook in list(self._step_stats_hooks.values()):
             hook(self, results)
@@ -598,11 +650,24 @@ class MultiTaskOptimizer(Optimizer):
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     """Autocast turned off for ``device_type``; nothing to enter when it is off already
     (entering ``torch.autocast`` costs tens of microseconds a step)."""
+    if _autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _any_autocast() -> bool:
+    """Whether autocast is on for any device (one call, no device to look up)."""
+    probe = getattr(torch._C, "_is_any_autocast_enabled", None)
+    if probe is None:  # older torch: the devices this library runs on
+        return any(_autocast_enabled(kind) for kind in ("cpu", "cuda"))
+    return probe()
+
+
+def _autocast_enabled(device_type: str) -> bool:
     try:
-        enabled = torch.is_autocast_enabled(device_type)
+        return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4: one flag per device kind
-        enabled = torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
-    return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
 
 
 def _is_plain_sgd(optimizer: Optimizer, group: dict[str, Any]) -> bool:

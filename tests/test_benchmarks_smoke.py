@@ -116,7 +116,7 @@ def test_round_robin_bursts_take_cheap_steps_several_times_a_round() -> None:
     now = [0.0]
     calls = {"cheap": 0, "dear": 0}
 
-    def stepper(name: str, seconds: float):  # noqa: ANN202
+    def stepper(name: str, seconds: float):
         def step() -> None:
             calls[name] += 1
             now[0] += seconds
@@ -129,8 +129,8 @@ def test_round_robin_bursts_take_cheap_steps_several_times_a_round() -> None:
         [cheap, dear], torch.device("cpu"), warmup=1, repeats=3, min_repeats=3,
         budget_s=1e9, clock=lambda: now[0], burst_s=0.02, max_burst=8,
     )  # fmt: skip
-    # Warm-up: one step each; then per round 5 cheap steps (5 x 4 ms reaches 20 ms), 1 dear.
-    assert calls == {"cheap": 1 + 3 * 5, "dear": 1 + 3}
+    # Warm-up: a 20 ms burst each; then per round 5 cheap steps (5 x 4 ms fit in 20 ms), 1 dear.
+    assert calls == {"cheap": 5 + 3 * 5, "dear": 1 + 3}
     assert len(timing.samples[cheap.key]) == 15
     assert timing.samples[dear.key] == pytest.approx([0.05] * 3)
     assert timing.rounds == 3
@@ -141,6 +141,37 @@ def test_round_robin_bursts_take_cheap_steps_several_times_a_round() -> None:
         budget_s=1e9, clock=lambda: now[0], burst_s=10.0, max_burst=8,
     )  # fmt: skip
     assert calls["cheap"] == 16 and len(capped.samples[cheap.key]) == 16
+
+
+def test_round_robin_gives_comparable_contenders_the_references_burst() -> None:
+    """A contender 12% slower than the reference takes as many steps per burst (the same
+    positions), where a count set by time would give it one fewer; a dear one keeps its own."""
+    from benchmarks.contenders import Contender
+    from benchmarks.measure import burst_counts, round_robin
+
+    now = [0.0]
+    calls = {"plain": 0, "near": 0, "dear": 0}
+
+    def stepper(name: str, seconds: float):
+        def step() -> None:
+            calls[name] += 1
+            now[0] += seconds
+
+        return step
+
+    times = {"plain": 0.004, "near": 0.0045, "dear": 0.013}
+    runs = [Contender(name, "", stepper(name, s), None) for name, s in times.items()]
+    timing = round_robin(
+        runs, torch.device("cpu"), warmup=1, repeats=2, min_repeats=2, budget_s=1e9,
+        clock=lambda: now[0], burst_s=0.02, max_burst=8, reference=("", "plain"),
+    )  # fmt: skip
+    assert [len(timing.samples[r.key]) for r in runs] == [2 * 5, 2 * 5, 2 * 1]
+    # Without a reference each count is set by its own time: 20 ms / 4.5 ms -> 4 steps.
+    warm = {("", name): [seconds] * 3 for name, seconds in times.items()}
+    assert burst_counts(warm, 0.02, 8, None) == {("", "plain"): 5, ("", "near"): 4, ("", "dear"): 1}
+    warm[("", "within")] = [0.011] * 3  # under 3 x 4 ms: the reference's count, 5 x 11 ms
+    assert burst_counts(warm, 0.02, 8, ("", "plain"))[("", "within")] == 5
+    assert burst_counts(warm, 0.0, 8, ("", "plain")) == {key: 1 for key in warm}
 
 
 def test_allocator_script_runs_both_settings() -> None:
