@@ -277,7 +277,10 @@ class MultiTaskOptimizer(Optimizer):
             else:
                 committed = self.backward(result, extra_batches=extra)
         elif losses is not None:
-            committed = self.backward(losses, features=features)
+            # The usual loss-only step first: it hands over, untouched, what it does not serve.
+            committed = None if features is not None else self._sole_group_backward(losses, False)
+            if committed is None:
+                committed = self.backward(losses, features=features)
         else:
             committed = not self._skip_pending
         self._skip_pending = False
@@ -340,7 +343,7 @@ class MultiTaskOptimizer(Optimizer):
             return None
         found = None
         for index, group in enumerate(self.param_groups):
-            if not _is_internal(group):
+            if group.get(ROLE_KEY) != LOSS_SCALES:  # not internal
                 if found is not None:
                     return None
                 found = (index, group)
@@ -558,8 +561,9 @@ class MultiTaskOptimizer(Optimizer):
                 self._accumulate_learnable(weighting, values, scale)
             weighting.observe(values, after_step=False)
         self.last_step = results
-        for hook in list(self._step_stats_hooks.values()):
-            hook(self, results)
+        if self._step_stats_hooks:
+            for hook in list(self._step_stats_hooks.values()):
+                hook(self, results)
 
     def register_step_stats_hook(
         self, hook: Callable[[MultiTaskOptimizer, dict[int, GroupResult]], None]

@@ -46,6 +46,15 @@ def hooked_step(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _run_with_hooks(func: Callable[..., Any], self: Any, args: tuple, kwargs: dict) -> Any:
+    if not (
+        _global_optimizer_pre_hooks
+        or self._optimizer_step_pre_hooks
+        or self._optimizer_step_post_hooks
+        or _global_optimizer_post_hooks
+    ):  # the usual case: no hooks to chain
+        out = func(*args, **kwargs)
+        self._optimizer_step_code()
+        return out
     for pre_hook in chain(
         _global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values()
     ):
