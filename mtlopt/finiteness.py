@@ -25,7 +25,11 @@ def all_finite(tensors: list[Tensor], also: Tensor | None = None) -> bool:
     device = dense[0].device
     # The usual case (dense tensors on one device) skips the per-tensor Python work below,
     # which costs as much as the check itself on a model of a few hundred thousand weights.
-    if any(t.layout != _STRIDED or t.device != device for t in dense):
+    if device.type == "cpu":  # a flag, where comparing devices makes an object per tensor
+        odd = any(t.layout is not _STRIDED or not t.is_cpu for t in dense)
+    else:
+        odd = any(t.layout is not _STRIDED or t.device != device for t in dense)
+    if odd:
         return _all_finite_mixed(dense)
     try:
         return not _found_non_finite(dense, device)

@@ -124,8 +124,13 @@ def sole_group_backward(
     values = output.detach().double()
     check_finite_values(values)
     weighting.check_n_tasks(output.shape[0])
-    params = [p for p in group["params"] if p.requires_grad]
-    if not params or any(p.grad is not None for p in params):
+    params = []
+    for param in group["params"]:  # one pass: a model may have hundreds of tensors
+        if param.requires_grad:
+            if param.grad is not None:
+                return None
+            params.append(param)
+    if not params:
         return None
     weights = weighting.loss_weights(values)
     if not isinstance(weights, Tensor) or weights.shape != values.shape:
@@ -140,7 +145,7 @@ def _into_grad(output: Tensor, weights: Tensor, params: list[Tensor], retain_gra
     weights = weights.to(device=output.device, dtype=output.dtype)
     with torch.enable_grad():
         guarded(_backward, output, weights, params, retain_graph)
-    if not all_finite([p.grad for p in params if p.grad is not None]):
+    if not all_finite([grad for p in params if (grad := p.grad) is not None]):
         for p in params:
             p.grad = None
         raise NonFiniteError(
