@@ -110,20 +110,17 @@ def stacked_scalars(losses: object) -> Tensor | None:
 
 def sole_group_backward(
     group: dict[str, Any], output: Tensor, retain_graph: bool
-) -> SoleGroupStep | None:
+) -> SoleGroupStep | NonFiniteError | None:
     """The loss-only step of the optimizer's only param group, as :func:`backward_into_grad`,
     for ``output`` from :func:`stacked_scalars`.
 
-    Returns None, with nothing touched, where the general path must run (a parameter with a
-    ``.grad`` already, no trainable parameter, a weighting that returns no weights of the
-    losses' shape). Raises what the general path raises at the same point: NonFiniteError for
-    non-finite losses (before anything moves) or gradients (with ``.grad`` None again), and
-    ``check_n_tasks``'s ValueError.
+    Returns None, with nothing touched and nothing read, where the general path must run (a
+    parameter with a ``.grad`` already, no trainable parameter, a weighting that returns no
+    weights of the losses' shape). Returns, not raises, the NonFiniteError of non-finite
+    losses (before anything moves) or gradients (with ``.grad`` None again), so that the
+    caller can tell it from one that a weighting raises; raises what the general path raises
+    at the same point otherwise (``check_n_tasks``'s ValueError, the weighting's errors).
     """
-    weighting: Weighting = group["weighting"]
-    values = output.detach().double()
-    check_finite_values(values)
-    weighting.check_n_tasks(output.shape[0])
     params = []
     for param in group["params"]:  # one pass: a model may have hundreds of tensors
         if param.requires_grad:
@@ -132,10 +129,20 @@ def sole_group_backward(
             params.append(param)
     if not params:
         return None
+    weighting: Weighting = group["weighting"]
+    values = output.detach().double()
+    try:
+        check_finite_values(values)
+    except NonFiniteError as error:
+        return error
+    weighting.check_n_tasks(output.shape[0])
     weights = weighting.loss_weights(values)
     if not isinstance(weights, Tensor) or weights.shape != values.shape:
         return None
-    _into_grad(output, weights, params, retain_graph)
+    try:
+        _into_grad(output, weights, params, retain_graph)
+    except NonFiniteError as error:
+        return error
     return SoleGroupStep(values, weights)
 
 

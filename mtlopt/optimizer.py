@@ -280,7 +280,7 @@ class MultiTaskOptimizer(Optimizer):
             # The usual loss-only step first: it hands over, untouched, what it does not serve.
             committed = None if features is not None else self._sole_group_backward(losses, False)
             if committed is None:
-                committed = self.backward(losses, features=features)
+                committed = self._general_backward(losses, False, (), None, features)
         else:
             committed = not self._skip_pending
         self._skip_pending = False
@@ -327,6 +327,17 @@ class MultiTaskOptimizer(Optimizer):
             committed = self._sole_group_backward(losses, retain_graph)
             if committed is not None:
                 return committed
+        return self._general_backward(losses, retain_graph, extra_batches, scaler, features)
+
+    def _general_backward(
+        self,
+        losses: Sequence[Tensor] | Tensor,
+        retain_graph: bool,
+        extra_batches: Sequence[Sequence[Tensor] | Tensor],
+        scaler: torch.amp.GradScaler | None,
+        features: Tensor | None,
+    ) -> bool:
+        """:meth:`backward` for every case (``scaler`` None or enabled)."""
         task_losses = prepare_losses(losses, check_finite=False)
         extra = [prepare_losses(batch, check_finite=False) for batch in extra_batches]
         # Called inside an autocast region (Lightning's bf16-mixed runs training_step in
@@ -356,12 +367,11 @@ class MultiTaskOptimizer(Optimizer):
         output = loss_only.stacked_scalars(losses)
         if output is None:
             return None
-        try:
-            done = loss_only.sole_group_backward(group, output, retain_graph)
-        except NonFiniteError as error:
-            return self._skip_non_finite(error, None)
+        done = loss_only.sole_group_backward(group, output, retain_graph)
         if done is None:
             return None
+        if isinstance(done, NonFiniteError):
+            return self._skip_non_finite(done, None)
         results = {index: GroupResult(updates=[], weights=done.weights)}
         with torch.no_grad():
             self._after_commit([weighting], results, done.values, output.device, None)

@@ -11,9 +11,12 @@ import torch
 
 from mtlopt import MultiTaskOptimizer, NonFiniteError
 from mtlopt import loss_only as loss_only_module
+from mtlopt.solvers import host_linalg
 from mtlopt.weighting import DWA, IMTLL, UW, Constant, Mean
+from mtlopt.weighting.base import Weighting
 
 from .conftest import Net
+from .device_reads import DeviceReads
 from .references import batch64 as make_batch
 
 WEIGHTS = (0.5, 2.0, 0.25)
@@ -180,3 +183,43 @@ def test_non_finite_values_are_skipped_with_nothing_moved(
     with pytest.raises(NonFiniteError):
         net2, strict = net_and_optimizer(UW())
         strict.step([loss * float("nan") for loss in net2.losses(*make_batch(0))])
+
+
+@pytest.mark.parametrize("how", ["step", "backward"])
+def test_losses_are_read_once_when_the_step_hands_over(
+    how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a .grad already there the short path hands over before reading the losses (on a
+    GPU each read is a wait), and step() does not try it twice."""
+    monkeypatch.setattr(host_linalg, "HOST_READS", False)
+    net, opt = net_and_optimizer(UW())
+    opt.step(net.losses(*make_batch(0)))
+    opt.zero_grad(set_to_none=False)  # zero tensors, not None: the general path accumulates
+    losses = net.losses(*make_batch(1))
+    with DeviceReads() as counter:
+        opt.step(losses) if how == "step" else opt.backward(losses)
+    assert counter.sites["losses.py:check_finite_values"] == 1
+
+
+class RefusingWeighting(Weighting, register=False):
+    """A custom loss-only weighting whose own check raises NonFiniteError."""
+
+    needs = "losses"
+
+    def loss_weights(self, losses: torch.Tensor) -> torch.Tensor:
+        raise NonFiniteError("RefusingWeighting: refused")
+
+
+@pytest.mark.parametrize("force_general", [False, True])
+def test_a_weightings_own_non_finite_error_is_not_a_skipped_step(
+    force_general: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nonfinite="skip" skips non-finite losses and gradients, not errors that a weighting
+    raises itself: both paths let them through."""
+    if force_general:
+        monkeypatch.setattr(MultiTaskOptimizer, "_sole_group_backward", lambda *a: None)
+    net, opt = net_and_optimizer(RefusingWeighting(), nonfinite="skip")
+    with pytest.raises(NonFiniteError, match="refused"):
+        opt.step(net.losses(*make_batch(0)))
+    assert opt.skipped_steps == 0
+    assert all(p.grad is None for p in net.parameters())

@@ -191,3 +191,20 @@ def test_step_inside_autocast_computes_in_full_precision(weighting: str) -> None
     for outside, inside in zip(*grads):
         assert inside.dtype == torch.float32
         torch.testing.assert_close(inside, outside, rtol=0, atol=0)
+
+
+def test_a_post_hook_registered_during_the_step_runs_after_it() -> None:
+    """As in torch.optim: the post-hooks are looked up once the step has run."""
+    torch.manual_seed(0)
+    net = Net()
+    opt = MultiTaskOptimizer(torch.optim.SGD(net.parameters(), lr=0.05))
+    seen: list[str] = []
+    x, y = make_batch(0)
+
+    def closure() -> list[torch.Tensor]:
+        if not seen:
+            opt.register_step_post_hook(lambda *args: seen.append("post"))
+        return net.losses(x, y)
+
+    opt.step(closure)
+    assert seen == ["post"]
