@@ -277,10 +277,7 @@ class MultiTaskOptimizer(Optimizer):
             else:
                 committed = self.backward(result, extra_batches=extra)
         elif losses is not None:
-            # The usual loss-only step first: it hands over, untouched, what it does not serve.
-            committed = None if features is not None else self._sole_group_backward(losses, False)
-            if committed is None:
-                committed = self._general_backward(losses, False, (), None, features)
+            committed = self.backward(losses, features=features)
         else:
             committed = not self._skip_pending
         self._skip_pending = False
@@ -354,7 +351,7 @@ class MultiTaskOptimizer(Optimizer):
             return None
         found = None
         for index, group in enumerate(self.param_groups):
-            if group.get(ROLE_KEY) != LOSS_SCALES:  # not internal
+            if not _is_internal(group):
                 if found is not None:
                     return None
                 found = (index, group)

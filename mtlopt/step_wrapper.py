@@ -46,27 +46,23 @@ def hooked_step(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _run_with_hooks(func: Callable[..., Any], self: Any, args: tuple, kwargs: dict) -> Any:
-    # Each chain is built only when it has hooks (the usual case has none); the post-hooks are
-    # looked up after the step, which may register some (from a closure, say).
-    if _global_optimizer_pre_hooks or self._optimizer_step_pre_hooks:
-        for pre_hook in chain(
-            _global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values()
-        ):
-            result = pre_hook(self, args, kwargs)
-            if result is not None:
-                if not (isinstance(result, tuple) and len(result) == 2):
-                    raise RuntimeError(
-                        f"{func} must return None or a tuple of (new_args, new_kwargs), but "
-                        f"got {result}."
-                    )
-                args, kwargs = result
+    for pre_hook in chain(
+        _global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values()
+    ):
+        result = pre_hook(self, args, kwargs)
+        if result is not None:
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise RuntimeError(
+                    f"{func} must return None or a tuple of (new_args, new_kwargs), but got "
+                    f"{result}."
+                )
+            args, kwargs = result
     out = func(*args, **kwargs)
     self._optimizer_step_code()
-    if self._optimizer_step_post_hooks or _global_optimizer_post_hooks:
-        for post_hook in chain(
-            self._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()
-        ):
-            post_hook(self, args, kwargs)
+    for post_hook in chain(
+        self._optimizer_step_post_hooks.values(), _global_optimizer_post_hooks.values()
+    ):
+        post_hook(self, args, kwargs)
     return out
 
 
